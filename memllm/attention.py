@@ -1,0 +1,338 @@
+"""Attention states: what each layer attends to, as the engine feeds tokens through the model.
+
+One class serves the three modes, chosen by ``MemorySettings.mode``:
+
+``full``    every past token at its true position (capped at the model's trained length).
+``window``  StreamingLLM: ``sinks`` first tokens + the most recent ``window`` tokens; older tokens
+            are dropped a block at a time.
+``memory``  InfLLM-style: like ``window``, but dropped blocks go to a memory sink and every layer
+            in ``layers`` also attends, in the same softmax, to the top-k blocks retrieved by kNN
+            from a memory view (this input's evicted past, sessions, knowledge bases).
+
+Positions. Local tokens live in compact slots: slot i is rotated at position i (sinks take slots
+0..sinks-1, the local window follows), so every local distance stays below sinks+window+chunk.
+Memory keys are stored before RoPE and left unrotated; queries attending to them are rotated at
+``memory_distance``, so every memory key is seen at that one distance (inside the trained range).
+
+Protocol per forward: ``begin(n)`` (evicts, fixes positions), the model calls ``attend`` once per
+layer, ``end()`` commits. ``forward(model, tokens)`` does all three.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.grouped import grouped_attention_with_lse
+from memllm.memory.retrieval import choose_representatives, search_vectors
+from memllm.memory.source import MemorySource, WritableMemorySource
+from memllm.memory.types import BlockLayout, MemoryBlock
+from memllm.model import ModelConfig, Transformer
+from memllm.rope import Rope
+from memllm.settings import MemorySettings
+
+MODES = ("full", "window", "memory")
+
+
+class ContextLengthError(ValueError):
+    """The input does not fit the chosen attention mode (full attention past the trained length)."""
+
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """ "all" | "0-9,12,20-29" -> sorted tuple of layer indices."""
+    if spec.strip() in ("", "all"):
+        return tuple(range(n_layers))
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"memory layers {bad} outside 0..{n_layers - 1}")
+    return tuple(sorted(out))
+
+
+def block_layout(cfg: ModelConfig, mem: MemorySettings) -> BlockLayout:
+    return BlockLayout(
+        layers=parse_layers(mem.layers, cfg.n_layers),
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        block_size=mem.block_size,
+        representatives=mem.representatives,
+    )
+
+
+class KVBuffer:
+    """Sinks + local tokens of every layer, in compact slots that grow on demand.
+
+    raw, rot, val: (L, B, Hkv, capacity, D) model dtype (keys before RoPE, keys rotated at their
+    slot position, values); mass: (L, B, Hkv, capacity) float32 attention each key has drawn.
+    Slots [0, length) are valid.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.shape = (n_layers, batch, n_kv_heads, 0, head_dim)
+        self.raw = torch.empty(self.shape, dtype=dtype)
+        self.rot = torch.empty(self.shape, dtype=dtype)
+        self.val = torch.empty(self.shape, dtype=dtype)
+        self.mass = torch.zeros(self.shape[:4], dtype=torch.float32)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.raw.shape[3]
+
+    def reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity, 256)
+        for name in ("raw", "rot", "val", "mass"):
+            old = getattr(self, name)
+            grown = torch.zeros((*old.shape[:3], new_cap, *old.shape[4:]), dtype=old.dtype)
+            grown[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, grown)
+
+    def drop(self, start: int, count: int, rope: Rope) -> None:
+        """Remove slots [start, start+count), shift later slots down and re-rotate them."""
+        end = self.length
+        for name in ("raw", "val", "mass"):
+            buf = getattr(self, name)
+            buf[:, :, :, start : end - count] = buf[:, :, :, start + count : end].clone()
+        self.length = end - count
+        positions = torch.arange(start, self.length)
+        raw = self.raw[:, :, :, start : self.length]  # (L, B, Hkv, n, D)
+        l, b, h, n, d = raw.shape
+        self.rot[:, :, :, start : self.length] = rope.apply(raw.reshape(l * b, h, n, d), positions).view(l, b, h, n, d)
+
+
+@dataclass
+class MemoryTrace:
+    """Attention mass each memory block drew (summed over layers, heads, queries and steps)."""
+
+    mass: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    retrieved: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # block -> times retrieved
+
+    def top(self, n: int = 8) -> list[tuple[int, float]]:
+        return sorted(self.mass.items(), key=lambda kv: -kv[1])[:n]
+
+
+@dataclass
+class _Retrieved:
+    """Memory keys/values fetched for one layer, ready to attend: shapes (1, Hkv, n*bs, D)."""
+
+    ids: np.ndarray
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor  # (1, 1, 1, n*bs) True where the slot holds a real token
+    block_size: int
+
+
+class StreamingAttention:
+    """The attention state of one token stream (batch rows advance together)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rope: Rope,
+        mem: MemorySettings,
+        dtype: torch.dtype = torch.float32,
+        batch: int = 1,
+        memory: MemorySource | None = None,
+        sink: WritableMemorySource | None = None,
+        retrieval: str = "mean",
+        trace: bool = False,
+    ) -> None:
+        if mem.mode not in MODES:
+            raise ValueError(f"unknown attention mode {mem.mode!r}; choose one of {MODES}")
+        if mem.mode == "memory" and batch != 1:
+            raise ValueError("memory mode reads one stream at a time (batch=1)")
+        if mem.mode != "full" and mem.window % mem.block_size:
+            raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
+        self.cfg, self.rope, self.mem, self.dtype = cfg, rope, mem, dtype
+        self.mode = mem.mode
+        self.layout = block_layout(cfg, mem)
+        self.memory_layers = frozenset(self.layout.layers) if self.mode == "memory" else frozenset()
+        self.memory = memory
+        self.sink = sink
+        self.retrieval = retrieval
+        self.trace = MemoryTrace() if trace else None
+        self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
+        self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
+        self.local_start = 0  # true position of the first non-sink slot
+        self.evicted_blocks = 0
+        self._pending = 0
+        self.finish_reason: str | None = None  # set by Engine.generate: "stop" | "length"
+        self._search_now = True
+        self._decode_steps = 0
+        self._retrieved: dict[int, _Retrieved] = {}
+        self._scale = 1.0 / math.sqrt(cfg.head_dim)
+        self._mem_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------- forward protocol
+    def forward(self, model: Transformer, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Read tokens (B, T) and return their logits (see Transformer.forward)."""
+        self.begin(tokens.shape[1])
+        try:
+            return model(tokens, self, last_only=last_only)
+        finally:
+            self.end()
+
+    def begin(self, n_new: int) -> None:
+        if self.mode == "full" and self.n_tokens + n_new > self.cfg.max_positions:
+            raise ContextLengthError(
+                f"{self.n_tokens + n_new} tokens exceed the model's {self.cfg.max_positions}-token context "
+                "in full attention mode; use the memory or window mode for longer inputs"
+            )
+        if self.mode != "full":
+            self._evict_overflow()
+        self.buf.reserve(self.buf.length + n_new)
+        self._pending = n_new
+        if n_new > 1:
+            self._search_now, self._decode_steps = True, 0
+        else:
+            self._search_now = self._decode_steps > 0 and self._decode_steps % self.mem.decode_search_every == 0
+            if not self._retrieved:
+                self._search_now = True
+            self._decode_steps += 1
+
+    def end(self) -> None:
+        self.buf.length += self._pending
+        self.n_tokens += self._pending
+        self._pending = 0
+
+    # ------------------------------------------------------------------------------------ eviction
+    @property
+    def n_sinks(self) -> int:
+        return min(self.mem.sinks, self.n_tokens)
+
+    def _evict_overflow(self) -> None:
+        """Before reading new tokens, keep at most ``window`` local tokens (whole blocks leave)."""
+        local = self.buf.length - self.n_sinks
+        bs = self.mem.block_size
+        while local > self.mem.window:
+            self._evict_block(self.n_sinks, bs)
+            local -= bs
+
+    def _evict_block(self, slot: int, count: int) -> None:
+        if self.mode == "memory" and self.sink is not None:
+            self.sink.add(self._make_block(slot, count))
+        self.evicted_blocks += 1
+        self.local_start += count
+        self.buf.drop(slot, count, self.rope)
+
+    def _make_block(self, slot: int, count: int) -> MemoryBlock:
+        """Slots [slot, slot+count) of batch row 0 as a MemoryBlock (pre-RoPE keys, float16)."""
+        layers = list(self.layout.layers)
+        keys = self.buf.raw[layers, 0, :, slot : slot + count]  # (Lm, Hkv, n, D)
+        values = self.buf.val[layers, 0, :, slot : slot + count]
+        mass = self.buf.mass[layers, 0, :, slot : slot + count]  # (Lm, Hkv, n)
+        reps = torch.stack(
+            [choose_representatives(keys[i], mass[i], self.layout.representatives) for i in range(len(layers))]
+        )
+        start = self.local_start if slot >= self.n_sinks else slot
+        return MemoryBlock(
+            keys=keys.to(torch.float16).numpy(),
+            values=values.to(torch.float16).numpy(),
+            representatives=reps.numpy(),
+            token_start=start,
+            token_end=start + count,
+        )
+
+    def flush_to_memory(self, include_sinks: bool = True) -> int:
+        """Move every local token (and the sinks) into the memory sink, whole blocks plus a tail.
+
+        Used at the end of a document so all of it is retrievable. Returns blocks written.
+        """
+        if self.mode != "memory" or self.sink is None:
+            raise RuntimeError("flush_to_memory needs memory mode and a memory sink")
+        written = 0
+        bs = self.mem.block_size
+        if include_sinks and self.n_sinks:
+            self.sink.add(self._make_block(0, self.n_sinks))
+            written += 1
+        while self.buf.length > self.n_sinks:
+            count = min(bs, self.buf.length - self.n_sinks)
+            self._evict_block(self.n_sinks, count)
+            written += 1
+        return written
+
+    # ----------------------------------------------------------------------------------- attention
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, T, D), k/v (B, Hkv, T, D) pre-RoPE -> (B, Hq, T, D)."""
+        buf, t = self.buf, q.shape[2]
+        start = buf.length
+        end = start + t
+        positions = torch.arange(start, end)
+        cos, sin = self.rope.cos_sin(positions, q.dtype)
+        buf.raw[layer, :, :, start:end] = k
+        buf.rot[layer, :, :, start:end] = Rope.rotate(k, cos, sin)
+        buf.val[layer, :, :, start:end] = v
+        q_rot = Rope.rotate(q, cos, sin)
+        keys, values = buf.rot[layer, :, :, :end], buf.val[layer, :, :, :end]
+        mask = None
+        if t > 1:
+            mask = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)  # (T, end) causal on slots
+
+        if layer not in self.memory_layers:
+            if t == 1:  # decode: one query row per head, grouped matmul beats SDPA's kernel on CPU
+                return grouped_attention_with_lse(q_rot, keys, values, None, self._scale)[0]
+            return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=self._scale, enable_gqa=True)
+
+        out_l, lse_l, mass_l = grouped_attention_with_lse(q_rot, keys, values, mask, self._scale, return_key_mass=True)
+        buf.mass[layer, :, :, :end] += mass_l
+        retrieved = self._retrieve(layer, q)
+        if retrieved is None:
+            return out_l
+        q_mem = self._rotate_for_memory(q)
+        out_m, lse_m, mass_m = grouped_attention_with_lse(
+            q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale, return_key_mass=self.trace is not None
+        )
+        if self.trace is not None and mass_m is not None:
+            per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
+            for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
+                self.trace.mass[block_id] += m
+        return kernels.merge_attention([(out_l, lse_l), (out_m, lse_m)])
+
+    def _rotate_for_memory(self, q: torch.Tensor) -> torch.Tensor:
+        if self._mem_cos_sin is None or self._mem_cos_sin[0].dtype != q.dtype:
+            self._mem_cos_sin = self.rope.cos_sin(torch.tensor([self.mem.memory_distance]), q.dtype)
+        cos, sin = self._mem_cos_sin
+        return Rope.rotate(q, cos, sin)
+
+    def _retrieve(self, layer: int, q: torch.Tensor) -> _Retrieved | None:
+        """Blocks this layer attends to for the current tokens (searched now or reused)."""
+        if self.memory is None or self.memory.num_blocks() == 0 or self.mem.top_k <= 0:
+            return None
+        if not self._search_now and layer in self._retrieved:
+            return self._retrieved[layer]
+        queries = search_vectors(q[0], self.cfg.n_kv_heads, self.retrieval).numpy()
+        scores, ids = self.memory.search(layer, queries, self.mem.top_k)
+        chosen = _merge_rows(scores, ids, self.mem.top_k)
+        if chosen.size == 0:
+            return None
+        fetched = self.memory.fetch(layer, chosen)
+        n, hkv, bs, d = fetched.keys.shape
+        keys = torch.from_numpy(fetched.keys).to(q.dtype).permute(1, 0, 2, 3).reshape(1, hkv, n * bs, d)
+        values = torch.from_numpy(fetched.values).to(q.dtype).permute(1, 0, 2, 3).reshape(1, hkv, n * bs, d)
+        valid = torch.arange(bs).unsqueeze(0) < torch.from_numpy(fetched.lengths).unsqueeze(1)  # (n, bs)
+        got = _Retrieved(chosen, keys, values, valid.reshape(1, 1, 1, n * bs), bs)
+        self._retrieved[layer] = got
+        if self.trace is not None:
+            for block_id in chosen.tolist():
+                self.trace.retrieved[block_id] += 1
+        return got
+
+
+def _merge_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Distinct block ids from several search rows, best score first, at most k."""
+    best: dict[int, float] = {}
+    for s, i in zip(scores.ravel().tolist(), ids.ravel().tolist(), strict=True):
+        if i >= 0 and s > best.get(i, -math.inf):
+            best[i] = s
+    return np.array(sorted(best, key=lambda i: -best[i])[:k], dtype=np.int64)

@@ -1,0 +1,192 @@
+"""The ``memllm`` command line. Errors print as one line (``memllm: error: ...``), exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from memllm.settings import Settings, get_settings
+
+
+class CliError(click.ClickException):
+    def show(self, file=None) -> None:
+        click.echo(f"memllm: error: {self.message}", err=True)
+
+
+def friendly_errors(fn):
+    """Turn expected failures into one clear line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except (ValueError, RuntimeError, OSError, KeyError) as exc:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            raise CliError(str(exc) or type(exc).__name__) from exc
+
+    return wrapper
+
+
+def _engine(settings: Settings | None = None):
+    from memllm.engine import Engine
+    from memllm.loading import load_model
+
+    settings = settings or get_settings()
+    return Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
+
+
+def _sampling(max_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+              stop: tuple[str, ...], seed: int | None):
+    from memllm.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+
+
+def sampling_options(fn):
+    for opt in reversed([
+        click.option("--max-tokens", default=256, show_default=True, help="most tokens to generate"),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-k", default=0, show_default=True, help="0 = off"),
+        click.option("--top-p", default=1.0, show_default=True, help="1 = off"),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off"),
+        click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--seed", type=int, default=None, help="random seed for sampling"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="log details (and show tracebacks)")
+def cli(verbose: bool) -> None:
+    """memllm: a language model that attends over kNN-retrieved memory of everything it has read."""
+    level = logging.DEBUG if verbose else getattr(logging, get_settings().log_level.upper(), logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--raw", is_flag=True, help="no chat template: continue the text as given")
+@click.option("--mode", type=click.Choice(["memory", "window", "full"]), default=None, help="attention mode")
+@sampling_options
+@friendly_errors
+def generate(prompt: str, raw: bool, mode: str | None, **sampling) -> None:
+    """Stream the model's answer to PROMPT ("-" reads it from stdin)."""
+    from memllm.textstream import TextStream
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise CliError("the prompt is empty")
+    engine = _engine()
+    params = _sampling(**sampling)
+    ids = engine.encode(prompt) if raw else engine.chat_ids([{"role": "user", "content": prompt}])
+    stream = TextStream(engine.tokenizer, params.stop)
+    for token in engine.generate(engine.new_state(mode), ids, params):
+        click.echo(stream.push(token), nl=False)
+        if stream.stopped:
+            break
+    click.echo(stream.finish())
+
+
+@cli.command()
+@click.option("--system", default=None, help="system prompt")
+@click.option("--mode", type=click.Choice(["memory", "window", "full"]), default=None, help="attention mode")
+@sampling_options
+@friendly_errors
+def chat(system: str | None, mode: str | None, **sampling) -> None:
+    """Interactive multi-turn chat, streamed (empty line or Ctrl-D to quit)."""
+    from memllm.conversation import Conversation
+
+    engine = _engine()
+    params = _sampling(**sampling)
+    conv = Conversation(engine, engine.new_state(mode), system=system)
+    click.echo(f"memllm chat ({engine.loaded.name}, {conv.state.mode} attention). Empty line to quit.")
+    while True:
+        try:
+            user = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not user.strip():
+            break
+        click.echo("bot> ", nl=False)
+        for piece in conv.reply(user, params):
+            click.echo(piece, nl=False)
+        click.echo()
+
+
+@cli.command()
+@friendly_errors
+def info() -> None:
+    """Model, dtype, threads, data directory and settings."""
+    import dataclasses
+
+    import torch
+
+    from memllm.loading import load_model
+
+    settings = get_settings()
+    loaded = load_model(settings)
+    cfg = loaded.config
+    click.echo(f"model         {loaded.name} ({loaded.path})")
+    click.echo(f"architecture  {loaded.hf_config.model_type}: {cfg.n_layers} layers, {cfg.n_heads} heads "
+               f"({cfg.n_kv_heads} kv), head dim {cfg.head_dim}, hidden {cfg.dim}, {cfg.max_positions} positions")
+    params = sum(p.numel() for p in loaded.model.parameters())
+    click.echo(f"parameters    {params / 1e6:.1f} M")
+    click.echo(f"dtype         {loaded.dtype} (setting: {settings.dtype})")
+    click.echo(f"threads       {torch.get_num_threads()}")
+    click.echo(f"data dir      {settings.data_dir}")
+    click.echo(f"database      {settings.resolved_database_url}")
+    for f in dataclasses.fields(settings.memory):
+        click.echo(f"memory.{f.name:<20} {getattr(settings.memory, f.name)}")
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks (print tables, write JSON under --out)."""
+
+
+@bench.command("speed")
+@click.option("--context", default="512,2048,8192", show_default=True, help="context lengths (k suffix ok)")
+@click.option("--decode-tokens", default=32, show_default=True)
+@click.option("--mode", type=click.Choice(["full", "window", "memory"]), default="full", show_default=True)
+@click.option("--no-hf", is_flag=True, help="skip the transformers reference")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results/speed.json"), show_default=True)
+@friendly_errors
+def bench_speed(context: str, decode_tokens: int, mode: str, no_hf: bool, out: Path) -> None:
+    """Prefill and decode tokens/s, ours vs transformers, side by side in one run."""
+    from memllm.bench import speed
+    from memllm.bench.common import format_table, parse_sizes
+
+    rows = speed.run(_engine(), parse_sizes(context), decode_tokens, mode, out, with_hf=not no_hf)
+    click.echo("\n" + format_table(rows))
+    click.echo(f"wrote {out}")
+
+
+def _register_extensions() -> None:
+    from storage.cli import bench_storage, db
+
+    cli.add_command(db)
+    bench.add_command(bench_storage)
+
+
+_register_extensions()
+
+
+def main() -> None:
+    cli(prog_name="memllm")
+
+
+if __name__ == "__main__":
+    main()

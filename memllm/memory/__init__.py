@@ -1,0 +1,1 @@
+"""Block memory: what leaves the local window, kept as pre-RoPE keys/values and found again by kNN."""

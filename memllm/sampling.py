@@ -1,0 +1,84 @@
+"""Choosing the next token: small pure functions over a logits vector.
+
+All functions take and return float32 logits of shape (V,); ``sample`` picks one id. Greedy when
+temperature is 0. Order (as in transformers): repetition penalty, temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already present
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    def generator(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(self.seed)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:
+    """CTRL-style: divide positive logits of seen tokens by ``penalty``, multiply negative ones."""
+    if penalty == 1.0 or not previous:
+        return logits
+    ids = torch.tensor(sorted(set(previous)), dtype=torch.long)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p  # mass before this token already >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    previous: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> int:
+    """logits (V,) float32 -> next token id."""
+    logits = apply_repetition_penalty(logits.float(), previous, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,97 @@
+"""Settings read once from ``MEMLLM_*`` environment variables.
+
+``get_settings()`` builds a :class:`Settings` from the environment on first call and returns the
+same object afterwards; code receives settings as arguments where it can (tests build their own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "MEMLLM_"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "memllm"
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How attention reaches past the local window (see memllm/memory)."""
+
+    mode: str = "memory"  # memory | window | full | memorizing
+    sinks: int = 64  # first tokens always attended (StreamingLLM "attention sinks")
+    window: int = 2048  # most recent tokens attended at their true relative positions
+    chunk: int = 512  # tokens per prefill chunk (one kNN search per chunk and layer)
+    block_size: int = 128  # tokens per memory block
+    representatives: int = 4  # representative keys per block, indexed by FAISS
+    top_k: int = 16  # blocks retrieved per search
+    layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
+    memory_distance: int = 2048  # every memory key is seen at this relative distance
+    decode_search_every: int = 16  # re-search memory every N decode steps
+    ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
+    payload_dtype: str = "float16"  # float16 | int8
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=_default_data_dir)
+    model: str = "smollm2-135m-instruct"  # bundled name, or a path to a local HF folder
+    dtype: str = "auto"  # auto | float32 | bfloat16 (auto: bfloat16 only where the CPU has native bf16 math)
+    threads: int = 0  # 0 = torch's default
+    database_url: str = ""  # default: SQLite file in data_dir
+    eval_data: Path = Path("../shared/data")
+    log_level: str = "WARNING"
+    retrieval: str = "mean"  # how a chunk searches memory (memllm/memory/retrieval.py)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'memllm.db'}"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Build settings from ``MEMLLM_<FIELD>`` and ``MEMLLM_MEMORY_<FIELD>`` variables."""
+        env = os.environ if environ is None else environ
+        top = _fields_from_env(cls, env, ENV_PREFIX, skip={"memory"})
+        memory = MemorySettings(**_fields_from_env(MemorySettings, env, ENV_PREFIX + "MEMORY_"))
+        return cls(memory=memory, **top)
+
+    def with_memory(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, memory=dataclasses.replace(self.memory, **changes))
+
+
+def _fields_from_env(cls: type, env: dict[str, str] | os._Environ, prefix: str, skip=frozenset()) -> dict:
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        raw = env.get(prefix + f.name.upper())
+        if raw is None or raw == "":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        try:
+            if isinstance(default, bool):
+                values[f.name] = raw.lower() in {"1", "true", "yes", "on"}
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
+            elif isinstance(default, Path):
+                values[f.name] = Path(raw).expanduser()
+            else:
+                values[f.name] = raw
+        except ValueError as exc:
+            raise ValueError(f"{prefix}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from exc
+    return values
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings.from_env()
