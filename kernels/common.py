@@ -41,9 +41,7 @@ class MemoryAttentionOutput(NamedTuple):
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise ValueError unless q, k, v follow the shape conventions above."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be 4-d (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v must be 4-d (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, hq, tq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
@@ -67,17 +65,13 @@ def normalize_block_ids(
     elif ids.dim() == 3:
         ids = ids[:, None]
     if ids.dim() != 4 or ids.shape[0] != batch or ids.shape[1] not in (1, n_kv_heads):
-        raise ValueError(
-            f"block_ids {tuple(block_ids.shape)} do not fit batch {batch}, kv heads {n_kv_heads}"
-        )
+        raise ValueError(f"block_ids {tuple(block_ids.shape)} do not fit batch {batch}, kv heads {n_kv_heads}")
     ids = ids.expand(batch, n_kv_heads, ids.shape[2], ids.shape[3])
     n_chunks = ids.shape[2]
     if chunk_size is None:
         chunk_size = -(-q_len // n_chunks)
     if -(-q_len // chunk_size) != n_chunks:
-        raise ValueError(
-            f"{n_chunks} chunks of block ids do not cover Tq={q_len} with chunk_size={chunk_size}"
-        )
+        raise ValueError(f"{n_chunks} chunks of block ids do not cover Tq={q_len} with chunk_size={chunk_size}")
     return ids, chunk_size
 
 

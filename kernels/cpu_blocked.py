@@ -195,6 +195,4 @@ def _blocked(q, k, v, pattern, scale, return_key_mass, block_size, memory) -> Me
                 if memory_mass is not None and mem is not None:
                     mass = probs[1].sum(2).view(b, hkv, len(slots), bs).sum(-1)  # (B, Hkv, S')
                     memory_mass[:, :, r0 // chunk, slots] += mass
-    return MemoryAttentionOutput(
-        out5.view(b, hq, tq, d).to(q.dtype), lse5.view(b, hq, tq), key_mass, memory_mass
-    )
+    return MemoryAttentionOutput(out5.view(b, hq, tq, d).to(q.dtype), lse5.view(b, hq, tq), key_mass, memory_mass)

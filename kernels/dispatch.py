@@ -85,9 +85,7 @@ def _triton_reason(q: torch.Tensor, memory_chunking: tuple[int, int] | None = No
     return reason
 
 
-def choose_backend(
-    q: torch.Tensor, backend: str | None = None, op: str = "attention", memory_chunking=None
-) -> str:
+def choose_backend(q: torch.Tensor, backend: str | None = None, op: str = "attention", memory_chunking=None) -> str:
     """The backend that will serve ``q`` (see the module docstring for the order of choice)."""
     if backend is not None:
         name, source = _validate(backend, "argument"), "argument"

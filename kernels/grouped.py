@@ -1,12 +1,15 @@
 """Dense attention for the engine's hot path on CPU, grouped-query heads without copying keys.
 
-Same contract as :func:`kernels.reference.attention_with_lse` (the spec it is tested against) but
-the query heads of a group are folded into the row dimension, so each kv head is multiplied once
-instead of being repeated ``Hq/Hkv`` times, and the matrix products run in the input dtype
-(bfloat16 products are ~3x faster on CPUs with AVX512-BF16); softmax and log-sum-exp are float32.
+Same contract as :func:`kernels.reference.attention_with_lse` (the spec it is tested against) plus a
+``causal`` shortcut, but: the query heads of a group are folded into the row dimension, so each kv
+head is multiplied once instead of being repeated ``Hq/Hkv`` times; the products run in the input
+dtype (bfloat16 products are fast on CPUs with AVX512-BF16); the score tensor is touched by only
+four elementwise passes (max, subtract, exp, sum) and normalisation is applied to the (small)
+output instead of the (large) probability matrix.
 
-Shapes: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D); mask bool broadcastable to (Tq, Tk) or
-(B, 1, 1, Tk) style (anything broadcastable to (B, 1, Tq, Tk)), True = may attend.
+Shapes: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D); mask bool broadcastable to (B, 1, Tq, Tk),
+True = may attend. ``causal=True`` means the queries are the last Tq of the Tk keys' positions
+(key j visible to query i iff j <= Tk - Tq + i); only the trailing (Tq, Tq) block is masked.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def grouped_attention_with_lse(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_key_mass: bool = False,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32, key_mass (B, Hkv, Tk) or None)."""
     b, hq, tq, d = q.shape
@@ -36,9 +40,18 @@ def grouped_attention_with_lse(
         while m.dim() < 4:
             m = m.unsqueeze(0)
         scores.masked_fill_(~m.unsqueeze(2) if m.shape[1] == 1 else ~m.view(b, hkv, g, tq, tk), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = scores.sub_(safe.unsqueeze(-1)).exp_()  # rows with no visible key are all 0
-    out = torch.matmul(probs.view(b, hkv, g * tq, tk).to(v.dtype), v)  # (B, Hkv, G*Tq, D)
-    key_mass = probs.sum(dim=(2, 3)) if return_key_mass else None  # (B, Hkv, Tk)
-    return out.view(b, hq, tq, d).to(q.dtype), lse.view(b, hq, tq), key_mass
+    if causal and tq > 1:
+        future = torch.ones(tq, tq, dtype=torch.bool).triu_(1)  # (Tq, Tq) True above the diagonal
+        scores[..., tk - tq :].masked_fill_(future, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hkv, G, Tq, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = scores.sub_(row_max).exp_()  # unnormalised probabilities; rows with no key are all 0
+    denom = weights.sum(dim=-1, keepdim=True)  # (B, Hkv, G, Tq, 1)
+    lse = (row_max + denom.log()).squeeze(-1)  # -inf where no key is visible
+    inv = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))  # (B, Hkv, G, Tq, 1)
+    out = torch.matmul(weights.view(b, hkv, g * tq, tk).to(v.dtype), v)  # (B, Hkv, G*Tq, D)
+    out = (out.view(b, hkv, g, tq, d).float() * inv).view(b, hq, tq, d).to(q.dtype)
+    key_mass = None
+    if return_key_mass:  # sum over queries of normalised probabilities: a (1, G*Tq) x (G*Tq, Tk) product
+        key_mass = torch.matmul(inv.view(b, hkv, 1, g * tq), weights.view(b, hkv, g * tq, tk)).squeeze(2)
+    return out, lse.reshape(b, hq, tq), key_mass

@@ -52,17 +52,13 @@ class Pattern:
 
     def __post_init__(self) -> None:
         if self.kind not in LOCAL_KIND_CODES:
-            raise ValueError(
-                f"unknown pattern kind {self.kind!r}; expected one of {sorted(LOCAL_KIND_CODES)}"
-            )
+            raise ValueError(f"unknown pattern kind {self.kind!r}; expected one of {sorted(LOCAL_KIND_CODES)}")
         if self.kind == "window" and self.window < 1:
             raise ValueError(f"window pattern needs window >= 1, got {self.window}")
         if self.kind in ("strided", "fixed") and self.stride < 1:
             raise ValueError(f"{self.kind} pattern needs stride >= 1, got {self.stride}")
         if self.kind == "fixed" and not 1 <= self.summary <= self.stride:
-            raise ValueError(
-                f"fixed pattern needs 1 <= summary <= stride, got {self.summary} / {self.stride}"
-            )
+            raise ValueError(f"fixed pattern needs 1 <= summary <= stride, got {self.summary} / {self.stride}")
         if min(self.n_global, self.n_random) < 0 or self.random_block < 1:
             raise ValueError(f"bad global/random settings in {self}")
         if not self.name:
@@ -142,9 +138,7 @@ def fixed(stride: int, summary: int) -> Pattern:
 def _random_row(pattern: Pattern, qrb: int) -> list[int]:
     rb = pattern.random_block
     first_q = qrb * rb
-    reach = (
-        pattern.window if pattern.kind == "window" else (pattern.stride if pattern.kind == "strided" else 0)
-    )
+    reach = pattern.window if pattern.kind == "window" else (pattern.stride if pattern.kind == "strided" else 0)
     # key block kb is a candidate if it ends before first_q - reach + 1 (out of the window's reach of
     # the block's first query) and starts at or after the global prefix.
     last_ok = (first_q - reach + 1) // rb - 1 if pattern.kind != "full" else qrb - 1

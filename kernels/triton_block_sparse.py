@@ -83,12 +83,8 @@ if HAS_TRITON:
             is_full = tl.load(kv_full + qb * max_kv + t)
             kj = kb * BLOCK_N + offs_n
             k_ok = kj < TK
-            k = tl.load(
-                K + kj[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=k_ok[None, :], other=0.0
-            )
-            v = tl.load(
-                V + kj[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_ok[:, None], other=0.0
-            )
+            k = tl.load(K + kj[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=k_ok[None, :], other=0.0)
+            v = tl.load(V + kj[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_ok[:, None], other=0.0)
             s = mma(q, k, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N) base-2 logits
             if (is_full == 0) | (kb * BLOCK_N + BLOCK_N > TK):
                 vis = visible_tile(
@@ -152,9 +148,7 @@ if HAS_TRITON:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-        o_ptrs = (
-            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-        )
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
         tl.store(Lse + bh * TQ + offs_m, lse, mask=q_ok)
 

@@ -46,9 +46,7 @@ if HAS_TRITON:
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         k_ok = offs_n < TK
-        k_ptrs = (
-            K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        )
+        k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
         k = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
         mass = tl.zeros([BLOCK_N], dtype=tl.float32)
         n_tiles = tl.load(q_count + kb)
@@ -59,13 +57,7 @@ if HAS_TRITON:
                 is_full = tl.load(q_full + kb * max_q + t)
                 offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
                 q_ok = offs_m < TQ
-                q_ptrs = (
-                    Q
-                    + b * stride_qb
-                    + h * stride_qh
-                    + offs_m[:, None] * stride_qt
-                    + offs_d[None, :] * stride_qd
-                )
+                q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
                 q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
                 lse = tl.load(Lse + (b * H_Q + h) * TQ + offs_m, mask=q_ok, other=float("inf"))
                 s = mma(q, k, UPCAST) * qk_scale - (lse * 1.4426950408889634)[:, None]
@@ -119,11 +111,7 @@ if HAS_TRITON:
                 offs_n = t0 + tl.arange(0, BLOCK_N)
                 k_ok = offs_n < blen
                 k_ptrs = (
-                    PK
-                    + bid * stride_pn
-                    + hk * stride_ph
-                    + offs_n[None, :] * stride_pt
-                    + offs_d[:, None] * stride_pd
+                    PK + bid * stride_pn + hk * stride_ph + offs_n[None, :] * stride_pt + offs_d[:, None] * stride_pd
                 )
                 k = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
                 for g in range(0, GROUPS):

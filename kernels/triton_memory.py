@@ -70,9 +70,7 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
         # memory: the blocks retrieved for this tile's chunk, read from the pool by id
-        qm_ptrs = (
-            QM + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mt + offs_d[None, :] * stride_md
-        )
+        qm_ptrs = QM + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mt + offs_d[None, :] * stride_md
         qm = tl.load(qm_ptrs, mask=q_ok[:, None], other=0.0)
         c = (qb * BLOCK_M) // CHUNK
         id_row = Ids + b * stride_ib + hk * stride_ih + c * stride_ic
@@ -112,9 +110,7 @@ if HAS_TRITON:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-        o_ptrs = (
-            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-        )
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
         tl.store(Lse + bh * TQ + offs_m, lse, mask=q_ok)
 

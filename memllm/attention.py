@@ -5,6 +5,8 @@ One class serves the three modes, chosen by ``MemorySettings.mode``:
 ``full``    every past token at its true position (capped at the model's trained length).
 ``window``  StreamingLLM: ``sinks`` first tokens + the most recent ``window`` tokens; older tokens
             are dropped a block at a time.
+``memorizing`` Memorizing-Transformers-style: like ``window``, plus token-level kNN at
+            ``memorizing_layers`` (each query retrieves its own top-k past tokens).
 ``memory``  InfLLM-style: like ``window``, but dropped blocks go to a memory sink and every layer
             in ``layers`` also attends, in the same softmax, to the top-k blocks retrieved by kNN
             from a memory view (this input's evicted past, sessions, knowledge bases).
@@ -28,16 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
 from kernels.grouped import grouped_attention_with_lse
-from memllm.memory.retrieval import choose_representatives, search_vectors
+from kernels.reference import merge_attention
+from memllm.memory.retrieval import choose_representatives, group_sum_queries, search_vectors
 from memllm.memory.source import MemorySource, WritableMemorySource
+from memllm.memory.token_memory import TokenMemory
 from memllm.memory.types import BlockLayout, MemoryBlock
 from memllm.model import ModelConfig, Transformer
 from memllm.rope import Rope
 from memllm.settings import MemorySettings
 
-MODES = ("full", "window", "memory")
+MODES = ("full", "window", "memory", "memorizing")
 
 
 class ContextLengthError(ValueError):
@@ -150,21 +153,25 @@ class StreamingAttention:
     ) -> None:
         if mem.mode not in MODES:
             raise ValueError(f"unknown attention mode {mem.mode!r}; choose one of {MODES}")
-        if mem.mode == "memory" and batch != 1:
-            raise ValueError("memory mode reads one stream at a time (batch=1)")
+        if mem.mode in ("memory", "memorizing") and batch != 1:
+            raise ValueError(f"{mem.mode} mode reads one stream at a time (batch=1)")
         if mem.mode != "full" and mem.window % mem.block_size:
             raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
         self.cfg, self.rope, self.mem, self.dtype = cfg, rope, mem, dtype
         self.mode = mem.mode
         self.layout = block_layout(cfg, mem)
         self.memory_layers = frozenset(self.layout.layers) if self.mode == "memory" else frozenset()
+        self.token_memory: TokenMemory | None = None
+        if self.mode == "memorizing":
+            layers = parse_layers(mem.memorizing_layers, cfg.n_layers)
+            self.token_memory = TokenMemory(layers, cfg.n_kv_heads, cfg.head_dim)
         self.memory = memory
         self.sink = sink
         self.retrieval = retrieval
         self.trace = MemoryTrace() if trace else None
         self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
-        self.local_start = 0  # true position of the first non-sink slot
+        self.local_start = mem.sinks  # true position of the first non-sink slot
         self.evicted_blocks = 0
         self._pending = 0
         self.finish_reason: str | None = None  # set by Engine.generate: "stop" | "length"
@@ -183,6 +190,7 @@ class StreamingAttention:
         finally:
             self.end()
 
+    @torch.inference_mode()
     def begin(self, n_new: int) -> None:
         if self.mode == "full" and self.n_tokens + n_new > self.cfg.max_positions:
             raise ContextLengthError(
@@ -222,6 +230,10 @@ class StreamingAttention:
     def _evict_block(self, slot: int, count: int) -> None:
         if self.mode == "memory" and self.sink is not None:
             self.sink.add(self._make_block(slot, count))
+        if self.token_memory is not None:
+            for layer in self.token_memory.layers:
+                sl = slice(slot, slot + count)
+                self.token_memory.add(layer, self.buf.raw[layer, 0, :, sl], self.buf.val[layer, 0, :, sl])
         self.evicted_blocks += 1
         self.local_start += count
         self.buf.drop(slot, count, self.rope)
@@ -244,6 +256,7 @@ class StreamingAttention:
             token_end=start + count,
         )
 
+    @torch.inference_mode()
     def flush_to_memory(self, include_sinks: bool = True) -> int:
         """Move every local token (and the sinks) into the memory sink, whole blocks plus a tail.
 
@@ -275,16 +288,24 @@ class StreamingAttention:
         buf.val[layer, :, :, start:end] = v
         q_rot = Rope.rotate(q, cos, sin)
         keys, values = buf.rot[layer, :, :, :end], buf.val[layer, :, :, :end]
-        mask = None
-        if t > 1:
-            mask = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)  # (T, end) causal on slots
 
+        if self.token_memory is not None and layer in self.token_memory.layers and len(self.token_memory):
+            out_l, lse_l, _ = grouped_attention_with_lse(q_rot, keys, values, None, self._scale, causal=True)
+            q_search = group_sum_queries(q[0], self.cfg.n_kv_heads)
+            out_m, lse_m = self.token_memory.attend(
+                layer, q_search, self._rotate_for_memory(q), self.mem.memorizing_top_k, self._scale
+            )
+            return merge_attention([(out_l, lse_l), (out_m, lse_m)])
         if layer not in self.memory_layers:
             if t == 1:  # decode: one query row per head, grouped matmul beats SDPA's kernel on CPU
                 return grouped_attention_with_lse(q_rot, keys, values, None, self._scale)[0]
-            return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=self._scale, enable_gqa=True)
+            causal = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)  # (T, end) on slot positions
+            return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=causal, scale=self._scale,
+                                                  enable_gqa=True)
 
-        out_l, lse_l, mass_l = grouped_attention_with_lse(q_rot, keys, values, mask, self._scale, return_key_mass=True)
+        out_l, lse_l, mass_l = grouped_attention_with_lse(
+            q_rot, keys, values, None, self._scale, return_key_mass=True, causal=True
+        )
         buf.mass[layer, :, :, :end] += mass_l
         retrieved = self._retrieve(layer, q)
         if retrieved is None:
@@ -297,7 +318,7 @@ class StreamingAttention:
             per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
             for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
                 self.trace.mass[block_id] += m
-        return kernels.merge_attention([(out_l, lse_l), (out_m, lse_m)])
+        return merge_attention([(out_l, lse_l), (out_m, lse_m)])
 
     def _rotate_for_memory(self, q: torch.Tensor) -> torch.Tensor:
         if self._mem_cos_sin is None or self._mem_cos_sin[0].dtype != q.dtype:

@@ -174,6 +174,66 @@ def bench_speed(context: str, decode_tokens: int, mode: str, no_hf: bool, out: P
     click.echo(f"wrote {out}")
 
 
+def _memory_overrides(sinks, window, top_k, block_size, layers) -> dict:
+    given = {"sinks": sinks, "window": window, "top_k": top_k, "block_size": block_size, "layers": layers}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def memory_options(fn):
+    for opt in reversed([
+        click.option("--sinks", type=int, default=None, help="override MEMLLM_MEMORY_SINKS"),
+        click.option("--window", type=int, default=None, help="override MEMLLM_MEMORY_WINDOW"),
+        click.option("--top-k", "top_k", type=int, default=None, help="override MEMLLM_MEMORY_TOP_K"),
+        click.option("--block-size", type=int, default=None, help="override MEMLLM_MEMORY_BLOCK_SIZE"),
+        click.option("--layers", default=None, help="memory layers, e.g. all or 0-9,20"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@bench.command("passkey")
+@click.option("--lengths", default="8k,16k,32k", show_default=True)
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True)
+@click.option("--trials", default=2, show_default=True, help="trials per (length, depth)")
+@click.option("--filler", type=click.Choice(["grass", "essays"]), default="grass", show_default=True)
+@click.option("--modes", default="memory,window", show_default=True, help="memory,window,full")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON (resumed if it exists)")
+@memory_options
+@friendly_errors
+def bench_passkey(lengths, depths, trials, filler, modes, out, **memory) -> None:
+    """Passkey retrieval accuracy over lengths x depths, per mode (heatmap PNG beside the JSON)."""
+    from memllm.bench import passkey
+    from memllm.bench.common import format_table, parse_sizes
+
+    out = out or Path(f"bench-results/passkey-{filler}.json")
+    rows = passkey.run(_engine(), parse_sizes(lengths), [float(d) for d in depths.split(",")], trials, filler,
+                       [m.strip() for m in modes.split(",")], out, **_memory_overrides(**memory))
+    click.echo("\n" + format_table(rows))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@bench.command("ppl")
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--tokens", default=65536, show_default=True)
+@click.option("--modes", default="memory,window,full", show_default=True)
+@click.option("--no-hf", is_flag=True, help="skip transformers' full-attention reference")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results/ppl.json"), show_default=True)
+@memory_options
+@friendly_errors
+def bench_ppl(text_path, tokens, modes, no_hf, out, **memory) -> None:
+    """Perplexity of each attention mode over the same tokens of a long text."""
+    import dataclasses
+
+    from memllm.bench import ppl
+    from memllm.bench.common import format_table
+
+    settings = get_settings()
+    settings = dataclasses.replace(settings, memory=dataclasses.replace(settings.memory, **_memory_overrides(**memory)))
+    rows = ppl.run(_engine(settings), text_path, tokens, [m.strip() for m in modes.split(",")], out, with_hf=not no_hf)
+    click.echo("\n" + format_table(rows))
+    click.echo(f"wrote {out}")
+
+
 def _register_extensions() -> None:
     from storage.cli import bench_storage, db
 
@@ -185,6 +245,11 @@ _register_extensions()
 
 
 def main() -> None:
+    try:
+        get_settings()  # read once, up front, so a bad MEMLLM_* variable is one clear line
+    except ValueError as exc:
+        click.echo(f"memllm: error: {exc}", err=True)
+        sys.exit(1)
     cli(prog_name="memllm")
 
 

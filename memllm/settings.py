@@ -36,6 +36,8 @@ class MemorySettings:
     decode_search_every: int = 16  # re-search memory every N decode steps
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
+    memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode
+    memorizing_top_k: int = 32  # tokens retrieved per query token in the memorizing mode
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from memllm.bench.common import book_text, eval_data_dir, format_table, machine_info, write_json
+from memllm.attention import block_layout
 from memllm.engine import Engine
 
 
@@ -72,6 +74,11 @@ def run(engine: Engine, contexts: list[int], decode_tokens: int, mode: str, out:
             p_hf, d_hf = transformers_reference(hf, ids, decode_tokens)
             row |= {"prefill_hf": p_hf, "decode_hf": d_hf, "prefill_ratio": p_ours / p_hf, "decode_ratio": d_ours / d_hf}
         row["weight_GB_per_s"] = d_ours * weight_bytes / 1e9
+        row["rss_MB"] = psutil.Process().memory_info().rss / 1e6
+        if mode == "memory":
+            layout = block_layout(engine.model.config, engine.memory_settings)
+            reps = layout.representatives * layout.search_dim * 4 * layout.n_layers / layout.block_size
+            row["memory_B_per_token"] = layout.bytes_per_token(2) + reps
         rows.append(row)
         print(format_table([row]), flush=True)
     write_json(out, {"bench": "speed", "machine": machine_info(), "dtype": str(engine.model.dtype),

@@ -155,9 +155,9 @@ def memory_inputs(case: dict, device: str):
         kwargs["pool_lens"] = torch.randint(1, bs + 1, (n_blocks,), generator=gen).to(device)
     n_chunks, n_sel = case["ids"]
     heads = hkv if case.get("per_head") else 1
-    ids = torch.stack(
-        [torch.randperm(n_blocks, generator=gen)[:n_sel] for _ in range(b * heads * n_chunks)]
-    ).view(b, heads, n_chunks, n_sel)
+    ids = torch.stack([torch.randperm(n_blocks, generator=gen)[:n_sel] for _ in range(b * heads * n_chunks)]).view(
+        b, heads, n_chunks, n_sel
+    )
     ids[..., -1] = -1 if n_sel > 1 else ids[..., -1]  # an empty slot in every row
     if case.get("empty"):
         ids.fill_(-1)

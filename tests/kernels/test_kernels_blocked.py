@@ -107,9 +107,7 @@ def _memory_inputs(dtype, per_head, seed=0, n_chunks=3, chunk=8, pool_view=False
 
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("block", [8, 16, 20])  # tiles inside, equal to and straddling the 8-row chunks
-@pytest.mark.parametrize(
-    "local", [P.sinks_window(3, 10), P.sliding_window(4), P.full()], ids=lambda p: p.name
-)
+@pytest.mark.parametrize("local", [P.sinks_window(3, 10), P.sliding_window(4), P.full()], ids=lambda p: p.name)
 def test_blocked_memory_matches_reference(per_head: bool, block: int, local: P.Pattern) -> None:
     q, k, v, pool_k, pool_v, ids, kw = _memory_inputs(torch.float32, per_head)
     want = memory_attention(q, k, v, pool_k, pool_v, ids, local=local, return_key_mass=True, **kw)

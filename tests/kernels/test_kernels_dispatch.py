@@ -82,9 +82,7 @@ def test_bad_names_raise(monkeypatch) -> None:
         dispatch.choose_backend(q)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0") != "0", reason="this process runs Triton interpreted"
-)
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "0", reason="this process runs Triton interpreted")
 def test_triton_requested_on_cpu_raises_instead_of_falling_back() -> None:
     q, k, v = _qkv(torch.float16)
     with pytest.raises(RuntimeError, match="cannot serve"):
@@ -104,9 +102,7 @@ def test_entries_match_reference(backend: str) -> None:
     g = torch.Generator().manual_seed(1)
     pool_k, pool_v = torch.randn(5, 2, 8, 16, generator=g), torch.randn(5, 2, 8, 16, generator=g)
     ids = torch.tensor([[[0, 3], [4, -1]]])  # (B=1, n_chunks=2, n_sel=2): chunks of 20 rows
-    got_m = kernels.memory_attention(
-        q, k, v, pool_k, pool_v, ids, local=P.sinks_window(2, 8), backend=backend
-    )
+    got_m = kernels.memory_attention(q, k, v, pool_k, pool_v, ids, local=P.sinks_window(2, 8), backend=backend)
     want_m = ref_memory(q, k, v, pool_k, pool_v, ids, local=P.sinks_window(2, 8))
     torch.testing.assert_close(got_m.out, want_m.out, atol=2e-5, rtol=2e-5)
     assert not torch.allclose(got_m.out, pattern_attention(q, k, v, P.sinks_window(2, 8)).out)

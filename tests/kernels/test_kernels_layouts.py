@@ -47,9 +47,7 @@ def _tiles_of(mask: torch.Tensor, bq: int, bk: int) -> tuple[torch.Tensor, torch
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("tiles", TILES, ids=str)
-def test_layout_matches_token_rule(
-    pattern: P.Pattern, shape: tuple[int, int], tiles: tuple[int, int]
-) -> None:
+def test_layout_matches_token_rule(pattern: P.Pattern, shape: tuple[int, int], tiles: tuple[int, int]) -> None:
     tq, tk = shape
     bq, bk = tiles
     lay = build_layout_uncached(pattern, tq, tk, bq, bk)

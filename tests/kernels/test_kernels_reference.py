@@ -114,9 +114,7 @@ def test_memory_is_one_softmax_over_concatenated_keys(per_head: bool) -> None:
                     p = torch.softmax(torch.cat([s_mem, s_loc]), 0)
                     want = p[: len(mk)] @ mv + p[len(mk) :] @ v[b, hk]
                     torch.testing.assert_close(res.out[b, h, i], want, atol=1e-5, rtol=1e-5)
-                    torch.testing.assert_close(
-                        res.lse[b, h, i], torch.logsumexp(torch.cat([s_mem, s_loc]), 0)
-                    )
+                    torch.testing.assert_close(res.lse[b, h, i], torch.logsumexp(torch.cat([s_mem, s_loc]), 0))
     # masses: each row's probabilities sum to one over memory + local
     total = res.key_mass.sum(-1) + res.memory_mass.sum((-1, -2))
     torch.testing.assert_close(total, torch.full((2, 2), 24.0 * 2))

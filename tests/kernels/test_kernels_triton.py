@@ -61,9 +61,7 @@ def test_interpreter_covers_dtypes_head_dims_and_patterns() -> None:
     assert any(c["shape"][3] < c["shape"][4] for c in cases), "no chunked-prefill case"
     kinds = {c["pattern"].kind for c in ATTENTION_CASES}
     assert kinds == {"full", "window", "strided", "fixed"}
-    assert any(c["pattern"].n_random for c in ATTENTION_CASES) and any(
-        c["pattern"].n_global for c in ATTENTION_CASES
-    )
+    assert any(c["pattern"].n_random for c in ATTENTION_CASES) and any(c["pattern"].n_global for c in ATTENTION_CASES)
 
 
 CUDA = torch.cuda.is_available() and HAS_TRITON

@@ -1,0 +1,189 @@
+"""``memllm bench passkey``: the passkey retrieval protocol (Landmark Attention / InfLLM / LongLLaMA).
+
+Prompt (raw, no chat template), lines joined by newlines: the instruction line, filler, the needle
+``The pass key is K. Remember it. K is the pass key.`` at a chosen depth, more filler, and
+``What is the pass key? The pass key is``. K is a random 5-digit number; a trial passes when the
+first integer of the greedy continuation equals K. Filler: the grass/sky/sun sentences, or Paul
+Graham essays (harder: natural text competes with the needle).
+
+Results are appended to a JSON file as they come, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from memllm.bench.common import essays_text, format_table, machine_info, write_json
+from memllm.engine import Engine
+from memllm.sampling import SamplingParams
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def needle(key: int) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    ids: list[int]
+    key: int
+    needle_span: tuple[int, int]  # token span of the needle line
+
+
+def filler_ids(engine: Engine, kind: str, n: int, offset: int = 0) -> list[int]:
+    """n filler tokens: grass sentences repeated, or essays from a token offset (wrapping)."""
+    if kind == "grass":
+        unit = engine.encode(" ".join([GRASS] * 20) + " ")
+    elif kind == "essays":
+        unit = _essay_ids(engine)
+    else:
+        raise ValueError(f"unknown filler {kind!r} (grass, essays)")
+    out: list[int] = []
+    pos = offset % len(unit)
+    while len(out) < n:
+        take = unit[pos : pos + n - len(out)]
+        out += take
+        pos = 0
+    return out
+
+
+_ESSAY_CACHE: dict[int, list[int]] = {}
+
+
+def _essay_ids(engine: Engine) -> list[int]:
+    key = id(engine.tokenizer)
+    if key not in _ESSAY_CACHE:
+        _ESSAY_CACHE[key] = engine.encode(essays_text())
+    return _ESSAY_CACHE[key]
+
+
+def build_prompt(engine: Engine, length: int, depth: float, key: int, filler: str, offset: int = 0) -> PasskeyPrompt:
+    """A prompt of ``length`` tokens with the needle at ``depth`` (0 = start, 1 = end) of the filler."""
+    head = engine.encode(INSTRUCTION + "\n")
+    mid = engine.encode("\n" + needle(key) + "\n")
+    tail = engine.encode("\n" + QUESTION)
+    n_fill = length - len(head) - len(mid) - len(tail)
+    if n_fill < 0:
+        raise ValueError(f"length {length} is too short for the passkey prompt")
+    fill = filler_ids(engine, filler, n_fill, offset)
+    cut = int(round(n_fill * depth))
+    ids = head + fill[:cut] + mid + fill[cut:] + tail
+    start = len(head) + cut
+    return PasskeyPrompt(ids=ids, key=key, needle_span=(start, start + len(mid)))
+
+
+def first_integer(text: str) -> int | None:
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
+
+
+def run_trial(engine: Engine, prompt: PasskeyPrompt, mode: str, max_tokens: int = 8, **overrides) -> dict:
+    state = engine.new_state(mode, trace=(mode == "memory"), **overrides)
+    t0 = time.perf_counter()
+    tokens = list(engine.generate(state, prompt.ids, SamplingParams(max_tokens=max_tokens)))
+    elapsed = time.perf_counter() - t0
+    answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    return {"answer": answer, "passed": first_integer(answer) == prompt.key, "seconds": elapsed}
+
+
+def run(
+    engine: Engine,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    filler: str,
+    modes: list[str],
+    out: Path,
+    seed: int = 0,
+    **overrides,
+) -> list[dict]:
+    """Run (or resume) the grid; returns one summary row per (mode, length)."""
+    done: list[dict] = []
+    if out.exists():
+        done = json.loads(out.read_text()).get("trials", [])
+    seen = {(r["mode"], r["length"], r["depth"], r["trial"]) for r in done}
+    max_len = engine.model.config.max_positions
+    jobs = [
+        (mode, length, depth, trial)
+        for length in lengths
+        for trial in range(trials)
+        for depth in depths
+        for mode in modes
+        if (mode, length, depth, trial) not in seen and not (mode == "full" and length > max_len)
+    ]
+    rng = random.Random(seed)
+    keys = {(length, depth, trial): rng.randint(10000, 99999) for length in lengths for depth in depths for trial in range(trials)}
+    bar = tqdm(jobs, desc=f"passkey ({filler})", unit="trial")
+    for mode, length, depth, trial in bar:
+        key = keys[(length, depth, trial)]
+        prompt = build_prompt(engine, length, depth, key, filler, offset=trial * 7919)
+        result = run_trial(engine, prompt, mode, **overrides)
+        done.append({"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result})
+        bar.set_postfix(mode=mode, length=length, ok=result["passed"])
+        _save(out, done, filler, overrides)
+    rows = summarize(done, modes, lengths)
+    plot(done, modes, lengths, depths, out.with_suffix(".png"))
+    return rows
+
+
+def _save(out: Path, trials: list[dict], filler: str, overrides: dict) -> None:
+    write_json(out, {"bench": "passkey", "filler": filler, "overrides": overrides, "machine": machine_info(), "trials": trials})
+
+
+def summarize(trials: list[dict], modes: list[str], lengths: list[int]) -> list[dict]:
+    rows = []
+    for mode in modes:
+        for length in lengths:
+            got = [t for t in trials if t["mode"] == mode and t["length"] == length]
+            if got:
+                rows.append({
+                    "mode": mode,
+                    "length": length,
+                    "trials": len(got),
+                    "accuracy": sum(t["passed"] for t in got) / len(got),
+                    "s/trial": sum(t["seconds"] for t in got) / len(got),
+                })
+    return rows
+
+
+def plot(trials: list[dict], modes: list[str], lengths: list[int], depths: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        grid = torch.full((len(depths), len(lengths)), float("nan"))
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                got = [t["passed"] for t in trials if t["mode"] == mode and t["length"] == n and t["depth"] == d]
+                if got:
+                    grid[i, j] = sum(got) / len(got)
+        im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("length")
+        ax.set_ylabel("depth")
+        ax.set_title(mode)
+    fig.colorbar(im, ax=axes.ravel().tolist())
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(format_table(rows))

@@ -1,0 +1,75 @@
+"""Helpers over attention states that chat sessions need: fork, re-position, discard evictions.
+
+A session's live state holds sinks + the local window of its stream; everything older is in the
+session's persisted memory. These helpers never change what the attention layer computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+
+from memllm.attention import StreamingAttention
+from memllm.engine import Engine
+from memllm.memory.source import MemorySource, WritableMemorySource
+from memllm.memory.types import BlockLayout, FetchedBlocks, MemoryBlock
+
+
+class DiscardSink:
+    """A memory sink that keeps nothing (used while re-reading tokens whose blocks are persisted)."""
+
+    def __init__(self, layout: BlockLayout, name: str = "discard") -> None:
+        self.name = name
+        self.layout = layout
+        self.discarded = 0
+
+    def num_blocks(self) -> int:
+        return 0
+
+    def add(self, block: MemoryBlock) -> int:
+        self.discarded += 1
+        return -1
+
+    def search(self, layer: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(queries)
+        return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+
+    def fetch(self, layer: int, block_ids: np.ndarray) -> FetchedBlocks:
+        raise KeyError("a discarding sink holds no blocks")
+
+
+def first_local_position(state: StreamingAttention) -> int:
+    """True stream position of the first non-sink token the state still holds."""
+    return state.n_tokens - (state.buf.length - state.n_sinks)
+
+
+def shift_positions(state: StreamingAttention, tokens: int) -> None:
+    """Make a state that read sinks + a tail act as if ``tokens`` tokens between them had left it
+    (they are in memory): stream positions and eviction counters advance, the buffer is unchanged."""
+    state.n_tokens += tokens
+    state.local_start += tokens
+    state.evicted_blocks += tokens // state.mem.block_size
+
+
+def fork_state(
+    engine: Engine,
+    state: StreamingAttention,
+    *,
+    sink: WritableMemorySource | None,
+    extra_sources: list[MemorySource],
+    trace: bool = False,
+) -> StreamingAttention:
+    """A copy of ``state``'s tokens (sinks + window) over new memory: the copy can read and generate
+    without changing ``state``. ``sink`` receives the copy's evictions."""
+    overrides = {f.name: getattr(state.mem, f.name) for f in dataclasses.fields(state.mem) if f.name != "mode"}
+    new = engine.new_state(state.mode, extra_sources=extra_sources, sink=sink, trace=trace, **overrides)
+    buf = copy.copy(state.buf)
+    for name in ("raw", "rot", "val", "mass"):
+        setattr(buf, name, getattr(state.buf, name).clone())
+    new.buf = buf
+    new.n_tokens = state.n_tokens
+    new.local_start = state.local_start
+    new.evicted_blocks = state.evicted_blocks
+    return new

@@ -1,0 +1,53 @@
+"""The CLI as a user meets it: a real subprocess, the real bundled model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from memllm.testing import test_data_dir
+
+
+def memllm(*args: str, env_extra: dict | None = None, stdin: str | None = None, timeout: int = 300):
+    env = {**os.environ, "MEMLLM_DATA_DIR": str(test_data_dir()), "MEMLLM_THREADS": "2", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "memllm.cli", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_generate_streams_a_sensible_answer(real_model):
+    r = memllm("generate", "--max-tokens", "20", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.slow
+def test_chat_remembers_the_previous_turn(real_model):
+    r = memllm("chat", "--max-tokens", "25", "--mode", "full",
+               stdin="Remember this number: 4712.\nWhat number did I ask you to remember?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("bot>") == 2
+    assert "4712" in r.stdout.split("bot>")[2]
+
+
+@pytest.mark.slow
+def test_info_lists_model_and_settings(real_model):
+    r = memllm("info", env_extra={"MEMLLM_MEMORY_TOP_K": "9"})
+    assert r.returncode == 0, r.stderr
+    assert "30 layers" in r.stdout and "memory.top_k" in r.stdout and " 9" in r.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    r = memllm("generate", "hi", env_extra={"MEMLLM_MODEL": str(tmp_path / "nope")})
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("memllm: error: model")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_setting_is_reported_without_traceback():
+    r = memllm("info", env_extra={"MEMLLM_MEMORY_TOP_K": "many"})
+    assert r.returncode != 0
+    assert "MEMLLM_MEMORY_TOP_K" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,190 @@
+"""Memory attention on the tiny model: exactness inside the window, one-softmax equivalence,
+eviction bookkeeping, and retrieval of a planted block."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.reference import attention_with_lse
+from memllm.attention import StreamingAttention, block_layout
+from memllm.memory.source import InMemorySource, MemoryView, split_view_id
+from memllm.memory.types import MemoryBlock
+from memllm.rope import Rope
+from memllm.settings import MemorySettings
+
+SMALL = MemorySettings(mode="memory", sinks=4, window=32, chunk=16, block_size=8, representatives=2, top_k=3,
+                       memory_distance=40)
+
+
+def _state(tiny, mem: MemorySettings, trace: bool = False) -> StreamingAttention:
+    source = InMemorySource(block_layout(tiny.config, mem)) if mem.mode == "memory" else None
+    return StreamingAttention(tiny.config, tiny.rope, mem, memory=source, sink=source, trace=trace)
+
+
+def _read(tiny, state: StreamingAttention, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([state.forward(tiny.model, ids[:, i : i + chunk]) for i in range(0, ids.shape[1], chunk)], 1)
+
+
+def test_memory_mode_equals_full_attention_when_input_fits_the_window(tiny):
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
+    full = _read(tiny, _state(tiny, SMALL.__class__(mode="full")), ids, 16)
+    mem_state = _state(tiny, SMALL)
+    mem = _read(tiny, mem_state, ids, 16)
+    assert mem_state.evicted_blocks == 0
+    assert torch.allclose(mem, full, atol=1e-5), (mem - full).abs().max()
+
+
+def test_window_mode_differs_from_full_once_tokens_are_evicted(tiny):
+    ids = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(1))
+    full = _read(tiny, _state(tiny, MemorySettings(mode="full")), ids, 16)
+    win = _read(tiny, _state(tiny, SMALL.__class__(**{**SMALL.__dict__, "mode": "window"})), ids, 16)
+    assert torch.allclose(win[:, :32], full[:, :32], atol=1e-5)
+    assert (win[:, -16:] - full[:, -16:]).abs().max() > 1e-3
+
+
+def test_eviction_keeps_every_token_exactly_once(tiny):
+    n = 203
+    ids = torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(2))
+    state = _state(tiny, SMALL)
+    _read(tiny, state, ids, 16)
+    source = state.sink
+    spans = source.spans(np.arange(source.num_blocks()))
+    covered = [t for s, e in spans for t in range(s, e)]
+    sinks = list(range(state.n_sinks))
+    local = list(range(state.local_start, state.local_start + state.buf.length - state.n_sinks))
+    assert sorted(covered + sinks + local) == list(range(n))
+    assert state.buf.length - state.n_sinks <= SMALL.window + SMALL.chunk
+    # after a flush, everything (sinks included) is in memory exactly once
+    state.flush_to_memory()
+    spans = source.spans(np.arange(source.num_blocks()))
+    assert sorted(t for s, e in spans for t in range(s, e)) == list(range(n))
+
+
+def test_evicted_keys_are_stored_before_rope(tiny):
+    """A memory block's keys equal the layer's pre-RoPE keys of those tokens."""
+    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(3))
+    captured = {}
+    layer = tiny.model.layers[1].attention
+    hook = layer.wqkv.register_forward_hook(lambda m, i, o: captured.setdefault("qkv", []).append(o.detach()))
+    state = _state(tiny, SMALL)
+    _read(tiny, state, ids, 16)
+    hook.remove()
+    qkv = torch.cat(captured["qkv"], 1)[0]  # (T, (Hq+2Hkv)*D)
+    cfg = tiny.config
+    k = qkv[:, cfg.n_heads * cfg.head_dim : (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim]
+    k = k.view(-1, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # (Hkv, T, D)
+    got = state.sink.fetch(1, np.array([0]))
+    s, e = got.spans[0]
+    assert np.allclose(got.keys[0][:, : e - s].astype(np.float32), k[:, s:e].numpy(), atol=2e-3)
+
+
+def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny):
+    """attend() = softmax over [memory keys seen at memory_distance; local keys at slot positions]."""
+    torch.manual_seed(4)
+    cfg = tiny.config
+    state = _state(tiny, SMALL, trace=True)
+    ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(4))
+    _read(tiny, state, ids, 16)
+    assert state.sink.num_blocks() >= SMALL.top_k
+    layer = 2
+    t = 5
+    q = torch.randn(1, cfg.n_heads, t, cfg.head_dim)
+    k = torch.randn(1, cfg.n_kv_heads, t, cfg.head_dim)
+    v = torch.randn(1, cfg.n_kv_heads, t, cfg.head_dim)
+    with torch.inference_mode():
+        state.begin(t)
+        out = state.attend(layer, q, k, v)
+    retrieved = state._retrieved[layer]
+    state.end()
+    # reference: explicit concatenation of memory and local keys, explicit positions, one softmax
+    n_local = state.buf.length
+    pos_q = torch.arange(n_local - t, n_local)
+    rope: Rope = tiny.rope
+    q_local = rope.apply(q, pos_q)
+    q_mem = rope.apply(q, torch.full((t,), SMALL.memory_distance))
+    k_local = state.buf.rot[layer, :, :, :n_local]
+    v_local = state.buf.val[layer, :, :, :n_local]
+    scale = 1 / math.sqrt(cfg.head_dim)
+    from kernels.reference import expand_kv
+
+    s_mem = q_mem @ expand_kv(retrieved.keys.float(), cfg.n_heads).transpose(-1, -2) * scale
+    s_mem = s_mem.masked_fill(~retrieved.mask, -math.inf)
+    s_loc = q_local @ expand_kv(k_local, cfg.n_heads).transpose(-1, -2) * scale
+    causal = torch.arange(n_local).unsqueeze(0) <= pos_q.unsqueeze(1)
+    s_loc = s_loc.masked_fill(~causal, -math.inf)
+    probs = torch.softmax(torch.cat([s_mem, s_loc], -1), -1)
+    values = torch.cat([expand_kv(retrieved.values.float(), cfg.n_heads), expand_kv(v_local, cfg.n_heads)], 2)
+    ref = probs @ values
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    # the memory trace saw the retrieved blocks
+    assert set(state.trace.mass) >= set(retrieved.ids.tolist())
+
+
+def test_merge_equals_single_softmax():
+    torch.manual_seed(5)
+    q = torch.randn(1, 4, 3, 8)
+    k = torch.randn(1, 2, 20, 8)
+    v = torch.randn(1, 2, 20, 8)
+    whole, _, _ = attention_with_lse(q, k, v)
+    from kernels.reference import merge_attention
+
+    a = attention_with_lse(q, k[:, :, :7], v[:, :, :7])
+    b = attention_with_lse(q, k[:, :, 7:], v[:, :, 7:])
+    assert torch.allclose(merge_attention([a[:2], b[:2]]), whole, atol=1e-6)
+
+
+def _random_block(layout, rng, start: int, reps: np.ndarray | None = None) -> MemoryBlock:
+    n = layout.block_size
+    shape = (layout.n_layers, layout.n_kv_heads, n, layout.head_dim)
+    if reps is None:
+        reps = rng.normal(size=(layout.n_layers, layout.representatives, layout.search_dim)).astype(np.float32)
+    return MemoryBlock(rng.normal(size=shape).astype(np.float16), rng.normal(size=shape).astype(np.float16),
+                       reps, start, start + n)
+
+
+@pytest.mark.parametrize("ivf_threshold", [10**9, 64])
+def test_retrieval_returns_the_block_holding_a_planted_key(tiny, ivf_threshold):
+    layout = block_layout(tiny.config, SMALL)
+    rng = np.random.default_rng(6)
+    source = InMemorySource(layout, ivf_threshold=ivf_threshold)
+    for i in range(60):
+        source.add(_random_block(layout, rng, i * layout.block_size))
+    query = rng.normal(size=layout.search_dim).astype(np.float32)
+    query /= np.linalg.norm(query)
+    planted_reps = rng.normal(size=(layout.n_layers, layout.representatives, layout.search_dim)).astype(np.float32)
+    planted_reps[:, 0] = 25 * query  # one representative points along the query
+    planted = source.add(_random_block(layout, rng, 60 * layout.block_size, planted_reps))
+    for layer in layout.layers:
+        scores, ids = source.search(layer, query[None], 3)
+        assert ids[0, 0] == planted
+        assert len(set(ids[0].tolist())) == 3
+    fetched = source.fetch(layout.layers[0], np.array([planted]))
+    assert tuple(fetched.spans[0]) == (60 * layout.block_size, 61 * layout.block_size)
+    # the same block is found through a view over several sources, with its source index attached
+    other = InMemorySource(layout)
+    other.add(_random_block(layout, rng, 0))
+    view = MemoryView([other, source])
+    _, ids = view.search(layout.layers[0], query[None], 2)
+    assert split_view_id(ids[0, 0]) == (1, planted)
+    assert view.fetch(layout.layers[0], ids[0]).keys.shape[0] == 2
+
+
+def test_memorizing_mode_attends_each_querys_own_nearest_tokens(tiny):
+    """Token-level kNN mode: equal to full attention before eviction; after eviction, memory is read
+    and the output differs from window-only attention."""
+    mem = MemorySettings(mode="memorizing", sinks=4, window=32, chunk=16, block_size=8, memorizing_layers="1",
+                         memorizing_top_k=8, memory_distance=40)
+    ids = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(7))
+    state = StreamingAttention(tiny.config, tiny.rope, mem)
+    out = _read(tiny, state, ids, 16)
+    full = _read(tiny, _state(tiny, MemorySettings(mode="full")), ids, 16)
+    win = _read(tiny, StreamingAttention(tiny.config, tiny.rope, MemorySettings(**{**mem.__dict__, "mode": "window"})),
+                ids, 16)
+    assert torch.allclose(out[:, :32], full[:, :32], atol=1e-5)
+    assert len(state.token_memory) == state.evicted_blocks * 8 > 0
+    assert (out[:, -16:] - win[:, -16:]).abs().max() > 1e-4

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memllm.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, sample
+
+
+def test_greedy_picks_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.0])
+    assert sample(logits, SamplingParams(temperature=0)) == 1
+
+
+def test_top_k_keeps_k_largest():
+    out = apply_top_k(torch.tensor([1.0, 5.0, 3.0, 4.0]), 2)
+    assert torch.isinf(out[[0, 2]]).all() and torch.isfinite(out[[1, 3]]).all()
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(apply_top_p(logits, 0.75))
+    assert kept.tolist() == [True, True, False, False]
+    assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [True, False, False, False]
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([2.0, -1.0, 2.0])
+    out = apply_repetition_penalty(logits, [0, 1], 2.0)
+    assert out.tolist() == [1.0, -2.0, 2.0]
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = torch.randn(1000)
+    p = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    a = [sample(logits, p, generator=g) for g in [p.generator()] for _ in range(20)]
+    b = [sample(logits, p, generator=g) for g in [p.generator()] for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_sampled_tokens_stay_inside_top_k():
+    logits = torch.randn(100)
+    allowed = set(torch.topk(logits, 3).indices.tolist())
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, SamplingParams(temperature=2.0, top_k=3), generator=g) for _ in range(200)} <= allowed
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": -2}])
+def test_bad_params_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
