@@ -32,7 +32,14 @@ import torch.nn.functional as F
 
 from kernels.grouped import grouped_attention_with_lse
 from kernels.reference import merge_attention
-from memllm.memory.retrieval import choose_representatives, group_sum_queries, search_vectors
+from memllm.memory.retrieval import (
+    choose_representatives,
+    group_sum_queries,
+    key_statistics,
+    per_head_rows,
+    search_vectors,
+    zscores,
+)
 from memllm.memory.source import MemorySource, WritableMemorySource
 from memllm.memory.token_memory import TokenMemory
 from memllm.memory.types import BlockLayout, MemoryBlock
@@ -201,6 +208,8 @@ class StreamingAttention:
             self._evict_overflow()
         self.buf.reserve(self.buf.length + n_new)
         self._pending = n_new
+        start = self.buf.length  # RoPE tables of the new slots, shared by every layer of this forward
+        self._cos_sin = self.rope.cos_sin(torch.arange(start, start + n_new), self.dtype)
         if n_new > 1:
             self._search_now, self._decode_steps = True, 0
         else:
@@ -282,7 +291,7 @@ class StreamingAttention:
         start = buf.length
         end = start + t
         positions = torch.arange(start, end)
-        cos, sin = self.rope.cos_sin(positions, q.dtype)
+        cos, sin = self._cos_sin
         buf.raw[layer, :, :, start:end] = k
         buf.rot[layer, :, :, start:end] = Rope.rotate(k, cos, sin)
         buf.val[layer, :, :, start:end] = v
@@ -300,8 +309,9 @@ class StreamingAttention:
             if t == 1:  # decode: one query row per head, grouped matmul beats SDPA's kernel on CPU
                 return grouped_attention_with_lse(q_rot, keys, values, None, self._scale)[0]
             causal = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)  # (T, end) on slot positions
-            return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=causal, scale=self._scale,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                q_rot, keys, values, attn_mask=causal, scale=self._scale, enable_gqa=True
+            )
 
         out_l, lse_l, mass_l = grouped_attention_with_lse(
             q_rot, keys, values, None, self._scale, return_key_mass=True, causal=True
@@ -326,14 +336,30 @@ class StreamingAttention:
         cos, sin = self._mem_cos_sin
         return Rope.rotate(q, cos, sin)
 
+    def _search_per_head(self, layer: int, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per (asking token, query head) searches, z-scored against the local keys' statistics.
+
+        q: (Hq, T, D) pre-RoPE. Scores are unrotated logits; z-scoring (see retrieval.zscores) makes
+        rows comparable so the best block of any head/token can win (docs/retrieval-study.md).
+        """
+        rows, kv, vectors = per_head_rows(q, self.cfg.n_kv_heads, self.mem.asking_tokens)
+        scores, ids = self.memory.search(layer, rows.numpy(), self.mem.top_k)
+        keys = self.buf.raw[layer, 0, :, : self.buf.length]  # (Hkv, n, D) sinks + local, a sample of keys
+        mean, cov = key_statistics(keys)
+        z = zscores(torch.from_numpy(scores), vectors, kv, mean, cov)
+        return z.numpy(), ids
+
     def _retrieve(self, layer: int, q: torch.Tensor) -> _Retrieved | None:
         """Blocks this layer attends to for the current tokens (searched now or reused)."""
         if self.memory is None or self.memory.num_blocks() == 0 or self.mem.top_k <= 0:
             return None
         if not self._search_now and layer in self._retrieved:
             return self._retrieved[layer]
-        queries = search_vectors(q[0], self.cfg.n_kv_heads, self.retrieval).numpy()
-        scores, ids = self.memory.search(layer, queries, self.mem.top_k)
+        if self.retrieval == "heads":
+            scores, ids = self._search_per_head(layer, q[0])
+        else:
+            queries = search_vectors(q[0], self.cfg.n_kv_heads, self.retrieval).numpy()
+            scores, ids = self.memory.search(layer, queries, self.mem.top_k)
         chosen = _merge_rows(scores, ids, self.mem.top_k)
         if chosen.size == 0:
             return None

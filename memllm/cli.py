@@ -45,24 +45,40 @@ def _engine(settings: Settings | None = None):
     return Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
 
 
-def _sampling(max_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-              stop: tuple[str, ...], seed: int | None):
+def _sampling(
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    stop: tuple[str, ...],
+    seed: int | None,
+):
     from memllm.sampling import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+    )
 
 
 def sampling_options(fn):
-    for opt in reversed([
-        click.option("--max-tokens", default=256, show_default=True, help="most tokens to generate"),
-        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy"),
-        click.option("--top-k", default=0, show_default=True, help="0 = off"),
-        click.option("--top-p", default=1.0, show_default=True, help="1 = off"),
-        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off"),
-        click.option("--stop", multiple=True, help="stop string (repeatable)"),
-        click.option("--seed", type=int, default=None, help="random seed for sampling"),
-    ]):
+    for opt in reversed(
+        [
+            click.option("--max-tokens", default=256, show_default=True, help="most tokens to generate"),
+            click.option("--temperature", default=0.0, show_default=True, help="0 = greedy"),
+            click.option("--top-k", default=0, show_default=True, help="0 = off"),
+            click.option("--top-p", default=1.0, show_default=True, help="1 = off"),
+            click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off"),
+            click.option("--stop", multiple=True, help="stop string (repeatable)"),
+            click.option("--seed", type=int, default=None, help="random seed for sampling"),
+        ]
+    ):
         fn = opt(fn)
     return fn
 
@@ -101,32 +117,6 @@ def generate(prompt: str, raw: bool, mode: str | None, **sampling) -> None:
 
 
 @cli.command()
-@click.option("--system", default=None, help="system prompt")
-@click.option("--mode", type=click.Choice(["memory", "window", "full"]), default=None, help="attention mode")
-@sampling_options
-@friendly_errors
-def chat(system: str | None, mode: str | None, **sampling) -> None:
-    """Interactive multi-turn chat, streamed (empty line or Ctrl-D to quit)."""
-    from memllm.conversation import Conversation
-
-    engine = _engine()
-    params = _sampling(**sampling)
-    conv = Conversation(engine, engine.new_state(mode), system=system)
-    click.echo(f"memllm chat ({engine.loaded.name}, {conv.state.mode} attention). Empty line to quit.")
-    while True:
-        try:
-            user = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
-        except (EOFError, click.exceptions.Abort):
-            break
-        if not user.strip():
-            break
-        click.echo("bot> ", nl=False)
-        for piece in conv.reply(user, params):
-            click.echo(piece, nl=False)
-        click.echo()
-
-
-@cli.command()
 @friendly_errors
 def info() -> None:
     """Model, dtype, threads, data directory and settings."""
@@ -140,8 +130,10 @@ def info() -> None:
     loaded = load_model(settings)
     cfg = loaded.config
     click.echo(f"model         {loaded.name} ({loaded.path})")
-    click.echo(f"architecture  {loaded.hf_config.model_type}: {cfg.n_layers} layers, {cfg.n_heads} heads "
-               f"({cfg.n_kv_heads} kv), head dim {cfg.head_dim}, hidden {cfg.dim}, {cfg.max_positions} positions")
+    click.echo(
+        f"architecture  {loaded.hf_config.model_type}: {cfg.n_layers} layers, {cfg.n_heads} heads "
+        f"({cfg.n_kv_heads} kv), head dim {cfg.head_dim}, hidden {cfg.dim}, {cfg.max_positions} positions"
+    )
     params = sum(p.numel() for p in loaded.model.parameters())
     click.echo(f"parameters    {params / 1e6:.1f} M")
     click.echo(f"dtype         {loaded.dtype} (setting: {settings.dtype})")
@@ -180,13 +172,15 @@ def _memory_overrides(sinks, window, top_k, block_size, layers) -> dict:
 
 
 def memory_options(fn):
-    for opt in reversed([
-        click.option("--sinks", type=int, default=None, help="override MEMLLM_MEMORY_SINKS"),
-        click.option("--window", type=int, default=None, help="override MEMLLM_MEMORY_WINDOW"),
-        click.option("--top-k", "top_k", type=int, default=None, help="override MEMLLM_MEMORY_TOP_K"),
-        click.option("--block-size", type=int, default=None, help="override MEMLLM_MEMORY_BLOCK_SIZE"),
-        click.option("--layers", default=None, help="memory layers, e.g. all or 0-9,20"),
-    ]):
+    for opt in reversed(
+        [
+            click.option("--sinks", type=int, default=None, help="override MEMLLM_MEMORY_SINKS"),
+            click.option("--window", type=int, default=None, help="override MEMLLM_MEMORY_WINDOW"),
+            click.option("--top-k", "top_k", type=int, default=None, help="override MEMLLM_MEMORY_TOP_K"),
+            click.option("--block-size", type=int, default=None, help="override MEMLLM_MEMORY_BLOCK_SIZE"),
+            click.option("--layers", default=None, help="memory layers, e.g. all or 0-9,20"),
+        ]
+    ):
         fn = opt(fn)
     return fn
 
@@ -206,8 +200,16 @@ def bench_passkey(lengths, depths, trials, filler, modes, out, **memory) -> None
     from memllm.bench.common import format_table, parse_sizes
 
     out = out or Path(f"bench-results/passkey-{filler}.json")
-    rows = passkey.run(_engine(), parse_sizes(lengths), [float(d) for d in depths.split(",")], trials, filler,
-                       [m.strip() for m in modes.split(",")], out, **_memory_overrides(**memory))
+    rows = passkey.run(
+        _engine(),
+        parse_sizes(lengths),
+        [float(d) for d in depths.split(",")],
+        trials,
+        filler,
+        [m.strip() for m in modes.split(",")],
+        out,
+        **_memory_overrides(**memory),
+    )
     click.echo("\n" + format_table(rows))
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -234,11 +236,43 @@ def bench_ppl(text_path, tokens, modes, no_hf, out, **memory) -> None:
     click.echo(f"wrote {out}")
 
 
+@bench.command("patterns")
+@click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--tokens", default=32768, show_default=True)
+@click.option("--patterns", default=None, help="comma list (default: all)")
+@click.option("--lengths", default=None, help="lengths to time (default: tokens/8 .. tokens)")
+@click.option("--backend", default=None, help="kernel backend override (reference, blocked, triton)")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
+@friendly_errors
+def bench_patterns(text_path, tokens, patterns, lengths, backend, out_dir) -> None:
+    """Perplexity and time of each attention pattern (full, window, longformer, bigbird, strided, memory)."""
+    from memllm.bench.common import parse_sizes
+    from memllm.bench.patterns import run_patterns
+
+    run_patterns(
+        text_path,
+        tokens,
+        patterns=patterns.split(",") if patterns else None,
+        lengths=parse_sizes(lengths) if lengths else None,
+        out_dir=out_dir,
+        backend=backend,
+    )
+
+
 def _register_extensions() -> None:
+    """Commands of the other packages (imported here, at the end: they reuse the helpers above)."""
+    from memllm.bench.chat_latency import chat_latency
+    from memllm.chat.cli import chat, sessions
+    from memllm.evals.cli import eval_group
+    from memllm.evals.conversations import conversations_command
+    from memllm.knowledge.cli import ask, ingest, kb, search, summarize
     from storage.cli import bench_storage, db
 
-    cli.add_command(db)
+    for command in (db, chat, sessions, kb, ingest, ask, search, summarize, eval_group):
+        cli.add_command(command)
+    eval_group.add_command(conversations_command)
     bench.add_command(bench_storage)
+    bench.add_command(chat_latency)
 
 
 _register_extensions()

@@ -72,7 +72,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------- reading
     @torch.inference_mode()
-    def prefill(self, state: StreamingAttention, ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
+    def prefill(
+        self, state: StreamingAttention, ids: Sequence[int], progress: ProgressFn | None = None
+    ) -> torch.Tensor:
         """Read ``ids`` into the state in chunks; returns the logits (V,) after the last token."""
         if not ids:
             raise ValueError("nothing to read: the prompt is empty")
@@ -87,7 +89,9 @@ class Engine:
         return logits[0, -1]
 
     @torch.inference_mode()
-    def logits_of(self, state: StreamingAttention, ids: Sequence[int], progress: ProgressFn | None = None) -> torch.Tensor:
+    def logits_of(
+        self, state: StreamingAttention, ids: Sequence[int], progress: ProgressFn | None = None
+    ) -> torch.Tensor:
         """Read ``ids`` and return all their logits (T, V) float32 (for perplexity)."""
         out = []
         chunk = state.mem.chunk
@@ -134,5 +138,7 @@ class Engine:
 
     def chat_ids(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation in the model's chat template."""
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
         return self.encode(text)

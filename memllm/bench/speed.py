@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from memllm.bench.common import book_text, eval_data_dir, format_table, machine_info, write_json
 from memllm.attention import block_layout
+from memllm.bench.common import book_text, eval_data_dir, format_table, machine_info, write_json
 from memllm.engine import Engine
 
 
@@ -57,7 +57,9 @@ def transformers_reference(hf_model, ids: list[int], decode_tokens: int) -> tupl
     return len(ids) / prefill_s, decode_tokens / max(many - one, 1e-9)
 
 
-def run(engine: Engine, contexts: list[int], decode_tokens: int, mode: str, out: Path, with_hf: bool = True) -> list[dict]:
+def run(
+    engine: Engine, contexts: list[int], decode_tokens: int, mode: str, out: Path, with_hf: bool = True
+) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     hf = None
@@ -72,7 +74,12 @@ def run(engine: Engine, contexts: list[int], decode_tokens: int, mode: str, out:
         row = {"context": n, "mode": mode, "prefill_ours": p_ours, "decode_ours": d_ours}
         if hf is not None and n <= engine.model.config.max_positions:
             p_hf, d_hf = transformers_reference(hf, ids, decode_tokens)
-            row |= {"prefill_hf": p_hf, "decode_hf": d_hf, "prefill_ratio": p_ours / p_hf, "decode_ratio": d_ours / d_hf}
+            row |= {
+                "prefill_hf": p_hf,
+                "decode_hf": d_hf,
+                "prefill_ratio": p_ours / p_hf,
+                "decode_ratio": d_ours / d_hf,
+            }
         row["weight_GB_per_s"] = d_ours * weight_bytes / 1e9
         row["rss_MB"] = psutil.Process().memory_info().rss / 1e6
         if mode == "memory":
@@ -81,6 +88,15 @@ def run(engine: Engine, contexts: list[int], decode_tokens: int, mode: str, out:
             row["memory_B_per_token"] = layout.bytes_per_token(2) + reps
         rows.append(row)
         print(format_table([row]), flush=True)
-    write_json(out, {"bench": "speed", "machine": machine_info(), "dtype": str(engine.model.dtype),
-                     "weight_bytes": weight_bytes, "decode_tokens": decode_tokens, "rows": rows})
+    write_json(
+        out,
+        {
+            "bench": "speed",
+            "machine": machine_info(),
+            "dtype": str(engine.model.dtype),
+            "weight_bytes": weight_bytes,
+            "decode_tokens": decode_tokens,
+            "rows": rows,
+        },
+    )
     return rows

@@ -55,8 +55,9 @@ def _run(coro):
 @click.option("--mode", type=click.Choice(["memory", "window"]), default=None, help="attention mode")
 @sampling_options
 @friendly_errors
-def chat(session_name: str | None, system: str | None, kb_ids: tuple[int, ...], trace: bool, mode: str | None,
-         **sampling) -> None:
+def chat(
+    session_name: str | None, system: str | None, kb_ids: tuple[int, ...], trace: bool, mode: str | None, **sampling
+) -> None:
     """Interactive multi-turn chat, streamed (empty line or Ctrl-D to quit).
 
     With --session the chat is persisted: every turn is saved, and a reply attends over the recent
@@ -124,8 +125,11 @@ def _print_trace(result) -> None:
     )
     for e in r.trace[:5]:
         where = f"message {e.message_id}" if e.message_id else (f"chunk {e.chunk_id}" if e.chunk_id else "this turn")
-        click.echo(f"  memory {e.source} block {e.block_id} ({where}, tokens {e.token_start}-{e.token_end}): "
-                   f"mass {e.mass:.2f}", err=True)
+        click.echo(
+            f"  memory {e.source} block {e.block_id} ({where}, tokens {e.token_start}-{e.token_end}): "
+            f"mass {e.mass:.2f}",
+            err=True,
+        )
     for c in r.citations[:3]:
         click.echo(f"  cites {c.source_name} (kb {c.kb_id}, chunk {c.chunk_id})", err=True)
 

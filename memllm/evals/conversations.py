@@ -107,6 +107,18 @@ def pick_questions(qa: Sequence[dict[str, Any]], limit: int | None) -> list[dict
     return [qa[int(i * step)] for i in range(limit)]
 
 
+def limit_sessions(conv: LocomoConversation, k: int) -> LocomoConversation:
+    """The first ``k`` sessions and the questions whose evidence lies only in them."""
+    kept = conv.sessions[:k]
+    numbers = {s.number for s in kept}
+
+    def inside(q: dict[str, Any]) -> bool:
+        ev = [e for e in q.get("evidence", []) if isinstance(e, str) and re.match(r"D\d+:", e)]
+        return bool(ev) and all(int(e[1 : e.index(":")]) in numbers for e in ev)
+
+    return LocomoConversation(conv.sample_id, kept, [q for q in conv.qa if inside(q)])
+
+
 # ---------------------------------------------------------------------------------- scoring
 _ARTICLES = re.compile(r"\b(a|an|the|and)\b")
 _PUNCT = set(string.punctuation)
@@ -197,6 +209,7 @@ class RunConfig:
     modes: tuple[str, ...] = MODES
     limit_conversations: int | None = None
     limit_questions: int | None = None
+    limit_sessions: int | None = None  # read only the first K sessions; ask only questions about them
     max_answer_tokens: int = 24
     truncation_tokens: int | None = None  # default: sinks + window of the memory settings
     retrieval_budget: int = 768  # tokens of pasted turns (retrieval, hybrid)
@@ -229,6 +242,8 @@ class ConversationEval:
 
     async def _conversation(self, conv: LocomoConversation, timing: dict[str, float]) -> list[dict[str, Any]]:
         cfg = self.config
+        if cfg.limit_sessions is not None:
+            conv = limit_sessions(conv, cfg.limit_sessions)
         questions = pick_questions(conv.qa, cfg.limit_questions)
         rng = random.Random(cfg.seed)
         asked = [question_text(q, rng) for q in questions]
@@ -403,12 +418,26 @@ def format_report(result: dict[str, Any], modes: Sequence[str]) -> str:
 @click.option("--modes", default=",".join(MODES), show_default=True, help="comma list of " + ", ".join(MODES))
 @click.option("--limit-conversations", type=int, default=None, help="first N conversations")
 @click.option("--limit-questions", type=int, default=None, help="M questions per conversation, spread evenly")
+@click.option(
+    "--limit-sessions",
+    type=int,
+    default=None,
+    help="read only the first K sessions of each conversation and ask only about them",
+)
 @click.option("--max-answer-tokens", default=24, show_default=True)
 @click.option("--truncation-tokens", type=int, default=None, help="history kept by truncation (default sinks+window)")
 @click.option("--retrieval-budget", default=768, show_default=True, help="tokens of pasted turns")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write results as JSON here")
 def conversations_command(
-    data, modes, limit_conversations, limit_questions, max_answer_tokens, truncation_tokens, retrieval_budget, json_out
+    data,
+    modes,
+    limit_conversations,
+    limit_questions,
+    limit_sessions,
+    max_answer_tokens,
+    truncation_tokens,
+    retrieval_budget,
+    json_out,
 ) -> None:
     """Chat over long histories: LoCoMo F1 per category for memory, truncation, retrieval, hybrid."""
     from memllm.engine import Engine
@@ -425,12 +454,19 @@ def conversations_command(
     if bad:
         raise click.ClickException(f"unknown modes {bad}; choose from {', '.join(MODES)}")
     config = RunConfig(
-        chosen, limit_conversations, limit_questions, max_answer_tokens, truncation_tokens, retrieval_budget
+        modes=chosen,
+        limit_conversations=limit_conversations,
+        limit_questions=limit_questions,
+        limit_sessions=limit_sessions,
+        max_answer_tokens=max_answer_tokens,
+        truncation_tokens=truncation_tokens,
+        retrieval_budget=retrieval_budget,
     )
     engine = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
     convs = load_locomo(data)
     t0 = time.perf_counter()
-    result = asyncio.run(ConversationEval(engine, config, log=lambda s: click.echo(s, err=True)).run(convs))
+    evaluation = ConversationEval(engine, config, log=lambda s: click.echo(s, err=True))
+    result = asyncio.run(evaluation.run(convs))
     result.update(
         data=str(data),
         model=engine.loaded.name,
@@ -438,9 +474,15 @@ def conversations_command(
         retrieval=settings.retrieval,
         config={
             k: getattr(config, k)
-            for k in ("limit_conversations", "limit_questions", "max_answer_tokens", "retrieval_budget")
+            for k in (
+                "limit_conversations",
+                "limit_questions",
+                "limit_sessions",
+                "max_answer_tokens",
+                "retrieval_budget",
+            )
         }
-        | {"truncation_tokens": ConversationEval(engine, config).truncation_tokens},
+        | {"truncation_tokens": evaluation.truncation_tokens},
         wall_s=time.perf_counter() - t0,
     )
     click.echo(format_report(result, chosen))

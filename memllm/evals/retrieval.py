@@ -110,8 +110,11 @@ def load_scifact(data: Path, claims: Path | None = None) -> RetrievalData:
     return RetrievalData(doc_ids, texts, queries, qrels)
 
 
-def corpus_embeddings(texts: list[str], cache_dir: Path | None, embedder) -> np.ndarray:
-    """Embeddings of the corpus, cached on disk by content hash (the embedder is deterministic)."""
+def corpus_embeddings(texts: list[str], cache_dir: Path | None, embedder, part: int = 512) -> np.ndarray:
+    """Embeddings of the corpus, cached on disk by content hash (the embedder is deterministic).
+
+    Computed in parts of ``part`` texts, each saved as it completes, so an interrupted run resumes.
+    """
     h = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
     path = cache_dir / f"corpus-{h}-{embedder.name}.npy" if cache_dir else None
     if path is not None and path.is_file():
@@ -119,11 +122,24 @@ def corpus_embeddings(texts: list[str], cache_dir: Path | None, embedder) -> np.
         if vecs.shape[0] == len(texts):
             return vecs
     t0 = time.perf_counter()
-    vecs = embedder.encode(texts, show_progress=sys.stderr.isatty())
-    print(f"embedded {len(texts)} documents in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    parts = []
+    for i, start in enumerate(range(0, len(texts), part)):
+        ppath = path.with_name(f"{path.stem}.part{i:03d}.npy") if path is not None else None
+        if ppath is not None and ppath.is_file():
+            parts.append(np.load(ppath))
+            continue
+        vec = embedder.encode(texts[start : start + part])
+        if ppath is not None:
+            ppath.parent.mkdir(parents=True, exist_ok=True)
+            np.save(ppath, vec)
+        parts.append(vec)
+        done = start + len(vec)
+        print(f"embedded {done}/{len(texts)} documents ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    vecs = np.concatenate(parts)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, vecs)
+        for p in path.parent.glob(f"{path.stem}.part*.npy"):
+            p.unlink()
     return vecs
 
 
@@ -269,7 +285,8 @@ def memory_rows(
                 kb = await svc.create_kb("scifact-eval")
                 t0 = time.perf_counter()
                 report = await svc.ingest_texts(
-                    kb.name, [(doc_id, text, {}) for doc_id, text in zip(sub_ids, sub_texts, strict=True)],
+                    kb.name,
+                    [(doc_id, text, {}) for doc_id, text in zip(sub_ids, sub_texts, strict=True)],
                     progress=True,
                 )
                 ingest_s = time.perf_counter() - t0
@@ -286,7 +303,9 @@ def memory_rows(
                 return rankings, stats
 
     rankings, stats = asyncio.run(memory())
-    rows.append({"method": "memory-knn (subset)", "corpus": len(sub_ids), **score_rankings(rankings, data.qrels), **stats})
+    rows.append(
+        {"method": "memory-knn (subset)", "corpus": len(sub_ids), **score_rankings(rankings, data.qrels), **stats}
+    )
     return rows
 
 

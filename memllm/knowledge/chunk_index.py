@@ -97,7 +97,9 @@ class ChunkIndexCache:
         async with self._lock:
             rows = (await session.execute(_live_chunks(kb_id).order_by(Chunk.id))).all()
             refs = [
-                ChunkRef(c.id, c.document_id, name, c.ordinal, c.char_start, c.char_end, c.token_start, c.token_end, c.text)
+                ChunkRef(
+                    c.id, c.document_id, name, c.ordinal, c.char_start, c.char_end, c.token_start, c.token_end, c.text
+                )
                 for c, name in rows
             ]
             vecs = await asyncio.to_thread(self._embeddings, kb_id, refs)
@@ -109,7 +111,9 @@ class ChunkIndexCache:
         """Add freshly computed embeddings to the cache file (after their rows committed)."""
         ids, old = self._load(kb_id)
         keep = ~np.isin(ids, chunk_ids)
-        self._save(kb_id, np.concatenate([ids[keep], np.asarray(chunk_ids, np.int64)]), np.concatenate([old[keep], vecs]))
+        self._save(
+            kb_id, np.concatenate([ids[keep], np.asarray(chunk_ids, np.int64)]), np.concatenate([old[keep], vecs])
+        )
 
     def _load(self, kb_id: int) -> tuple[np.ndarray, np.ndarray]:
         path = self.cache_path(kb_id)

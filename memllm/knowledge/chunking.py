@@ -140,7 +140,9 @@ def _split_long(text: str, a: int, b: int, tmap: TokenMap, max_tokens: int) -> l
     return [(x, y) for x, y in pieces if y > x]
 
 
-def chunk_text(text: str, tmap: TokenMap | None = None, max_tokens: int = 200, overlap_tokens: int = 32) -> list[TextChunk]:
+def chunk_text(
+    text: str, tmap: TokenMap | None = None, max_tokens: int = 200, overlap_tokens: int = 32
+) -> list[TextChunk]:
     """Chunks of ``text`` (see module docstring). ``tmap`` defaults to an approximate word map."""
     if max_tokens < 8:
         raise ValueError("max_tokens must be at least 8")

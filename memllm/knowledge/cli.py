@@ -93,8 +93,10 @@ def _print_citations(citations, header: str = "sources") -> None:
     click.echo(f"\n{header}:")
     for i, c in enumerate(citations, 1):
         snippet = " ".join(c.snippet.split())
-        click.echo(f"  [{i}] {c.source_name} (doc {c.document_id}, chunk {c.chunk_ordinal}, "
-                   f"chars {c.char_start}-{c.char_end}, score {c.score:.3f})")
+        click.echo(
+            f"  [{i}] {c.source_name} (doc {c.document_id}, chunk {c.chunk_ordinal}, "
+            f"chars {c.char_start}-{c.char_end}, score {c.score:.3f})"
+        )
         click.echo(f"      {snippet[:160]}")
 
 
@@ -131,20 +133,35 @@ def ingest(paths, kb_name, include, exclude, no_recursive, text, name, meta, tex
         if text is not None:
             return await svc.ingest_texts(kb_name, [(name or "text", text, _parse_meta(meta))], progress=progress)
         return await svc.ingest_paths(
-            kb_name, list(paths), include=include, exclude=exclude, recursive=not no_recursive,
-            text_field=text_field, progress=progress,
+            kb_name,
+            list(paths),
+            include=include,
+            exclude=exclude,
+            recursive=not no_recursive,
+            text_field=text_field,
+            progress=progress,
         )
 
     report = _run(work, need_model=True)
     if as_json:
         import dataclasses
 
-        click.echo(json.dumps({"results": [dataclasses.asdict(r) for r in report.results],
-                               "seconds": report.seconds, "tokens": report.tokens}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "results": [dataclasses.asdict(r) for r in report.results],
+                    "seconds": report.seconds,
+                    "tokens": report.tokens,
+                },
+                indent=2,
+            )
+        )
         return
     rate = report.tokens / report.seconds if report.seconds else 0.0
-    click.echo(f"{report.count('ready')} ingested, {report.count('skipped')} unchanged (skipped), "
-               f"{report.count('error')} failed; {report.tokens} tokens in {report.seconds:.1f} s ({rate:.0f} tok/s)")
+    click.echo(
+        f"{report.count('ready')} ingested, {report.count('skipped')} unchanged (skipped), "
+        f"{report.count('error')} failed; {report.tokens} tokens in {report.seconds:.1f} s ({rate:.0f} tok/s)"
+    )
     for r in report.errors:
         click.echo(f"  error: {r.error}", err=True)
 
@@ -156,8 +173,13 @@ def ingest(paths, kb_name, include, exclude, no_recursive, text, name, meta, tex
 @click.option("--mode", type=click.Choice(["memory", "rag", "hybrid"]), default="hybrid", show_default=True)
 @click.option("-k", "--k", "k", default=4, show_default=True, help="chunks in the prompt (rag, hybrid)")
 @click.option("--candidates", default=16, show_default=True, help="chunks whose blocks memory may retrieve")
-@click.option("--restrict", type=click.Choice(["candidates", "documents", "none"]), default="candidates",
-              show_default=True, help="which blocks memory attention may retrieve")
+@click.option(
+    "--restrict",
+    type=click.Choice(["candidates", "documents", "none"]),
+    default="candidates",
+    show_default=True,
+    help="which blocks memory attention may retrieve",
+)
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--trace/--no-trace", default=True, show_default=True, help="show the memory trace")
@@ -169,8 +191,14 @@ def ask(question, kb_name, mode, k, candidates, restrict, max_tokens, temperatur
 
     async def work(svc):
         return await svc.ask(
-            kb_name, question, mode=mode, k=k, candidates_k=candidates, restrict=restrict,
-            max_tokens=max_tokens, temperature=temperature,
+            kb_name,
+            question,
+            mode=mode,
+            k=k,
+            candidates_k=candidates,
+            restrict=restrict,
+            max_tokens=max_tokens,
+            temperature=temperature,
             on_text=(lambda piece: click.echo(piece, nl=False)) if streamed else None,
         )
 
@@ -184,8 +212,10 @@ def ask(question, kb_name, mode, k, candidates, restrict, max_tokens, temperatur
         click.echo("\nmemory trace (blocks that drew the most attention):")
         for t in answer.trace:
             where = f"{t.source_name} chunk {t.citation.chunk_ordinal}" if t.citation else f"doc {t.document_id}"
-            click.echo(f"  block {t.block_id}: {t.attention:6.1%} of memory attention, tokens "
-                       f"{t.token_start}-{t.token_end} -> {where}")
+            click.echo(
+                f"  block {t.block_id}: {t.attention:6.1%} of memory attention, tokens "
+                f"{t.token_start}-{t.token_end} -> {where}"
+            )
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -262,8 +292,10 @@ def kb_list(as_json):
     if not infos:
         click.echo("no knowledge bases (create one with `memllm kb create NAME`)")
     for i in infos:
-        click.echo(f"{i.id:>4}  {i.name:<24} {i.ready}/{i.documents} documents ready, {i.blocks} memory blocks, "
-                   f"{i.tokens} tokens  {i.description}")
+        click.echo(
+            f"{i.id:>4}  {i.name:<24} {i.ready}/{i.documents} documents ready, {i.blocks} memory blocks, "
+            f"{i.tokens} tokens  {i.description}"
+        )
 
 
 @kb.command("delete")
@@ -295,11 +327,24 @@ def kb_docs(name, delete_doc, as_json):
         return
     docs = _run(lambda svc: svc.list_documents(name), need_model=False)
     if as_json:
-        click.echo(json.dumps([
-            {"id": d.id, "source_name": d.source_name, "status": d.status, "error": d.error,
-             "tokens": d.token_count, "chars": d.char_count, "sha256": d.sha256, "media_type": d.media_type}
-            for d in docs
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": d.id,
+                        "source_name": d.source_name,
+                        "status": d.status,
+                        "error": d.error,
+                        "tokens": d.token_count,
+                        "chars": d.char_count,
+                        "sha256": d.sha256,
+                        "media_type": d.media_type,
+                    }
+                    for d in docs
+                ],
+                indent=2,
+            )
+        )
         return
     if not docs:
         click.echo("no documents")
@@ -319,8 +364,10 @@ def kb_demo(name):
         return await svc.ingest_paths(name, [DEMO_DIR], progress=True)
 
     report = _run(work, need_model=True)
-    click.echo(f"{report.count('ready')} ingested, {report.count('skipped')} unchanged; try:\n"
-               f"  memllm ask --kb {name} \"How does memllm remember documents?\"")
+    click.echo(
+        f"{report.count('ready')} ingested, {report.count('skipped')} unchanged; try:\n"
+        f'  memllm ask --kb {name} "How does memllm remember documents?"'
+    )
 
 
 __all__ = ["ask", "ingest", "kb", "search", "summarize"]

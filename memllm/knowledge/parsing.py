@@ -7,6 +7,7 @@ here touches the database or the model.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import html.parser
 import io
@@ -88,10 +89,8 @@ def _decode(data: bytes, name: str) -> str:
     except UnicodeDecodeError:
         pass
     candidates = []
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         candidates.append(data.decode("cp1252"))
-    except UnicodeDecodeError:
-        pass
     try:
         from charset_normalizer import from_bytes
 
@@ -110,7 +109,38 @@ class _HTMLText(html.parser.HTMLParser):
     """Visible text of an HTML page: block elements become paragraph breaks; scripts are dropped."""
 
     BLOCKS = frozenset(
-        ["p", "div", "section", "article", "header", "footer", "li", "ul", "ol", "table", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "br", "hr", "pre", "blockquote", "dd", "dt", "dl", "figure", "figcaption", "main", "nav", "aside", "title"]
+        [
+            "p",
+            "div",
+            "section",
+            "article",
+            "header",
+            "footer",
+            "li",
+            "ul",
+            "ol",
+            "table",
+            "tr",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "br",
+            "hr",
+            "pre",
+            "blockquote",
+            "dd",
+            "dt",
+            "dl",
+            "figure",
+            "figcaption",
+            "main",
+            "nav",
+            "aside",
+            "title",
+        ]
     )
     SKIP = frozenset({"script", "style", "noscript", "template", "svg", "head"})
 

@@ -47,12 +47,7 @@ def _double_cons(w: str) -> bool:
 def _cvc(w: str) -> bool:
     if len(w) < 3:
         return False
-    return (
-        _is_cons(w, len(w) - 3)
-        and not _is_cons(w, len(w) - 2)
-        and _is_cons(w, len(w) - 1)
-        and w[-1] not in "wxy"
-    )
+    return _is_cons(w, len(w) - 3) and not _is_cons(w, len(w) - 2) and _is_cons(w, len(w) - 1) and w[-1] not in "wxy"
 
 
 def _replace(w: str, suffix: str, repl: str, min_m: int) -> str | None:

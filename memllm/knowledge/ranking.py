@@ -85,7 +85,9 @@ class HybridIndex:
             raise ValueError(f"{len(texts)} texts but {len(embeddings)} embeddings")
         self.texts = list(texts)
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-        self.embeddings = emb.reshape(len(texts), -1) if len(texts) else emb.reshape(0, emb.shape[-1] if emb.ndim == 2 else 0)
+        self.embeddings = (
+            emb.reshape(len(texts), -1) if len(texts) else emb.reshape(0, emb.shape[-1] if emb.ndim == 2 else 0)
+        )
         self.bm25 = BM25Index(self.texts)
 
     def __len__(self) -> int:

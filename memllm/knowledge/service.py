@@ -112,7 +112,13 @@ class Citation:
 
 @dataclass
 class TraceEntry:
-    """A memory block that drew attention while the answer was generated, mapped to its passage."""
+    """A memory block that drew attention while the answer was generated, mapped to its passage.
+
+    ``char_start``/``char_end``/``passage``: the block's span in the document text, placed by
+    interpolating its token span inside the chunks it overlaps (exact at chunk boundaries, within a
+    few characters elsewhere). ``citation``: the chunk the block overlaps most; ``chunk_ids``: every
+    chunk it overlaps.
+    """
 
     block_id: int
     attention: float  # share of the attention mass all memory blocks drew (0..1)
@@ -121,12 +127,48 @@ class TraceEntry:
     source_name: str | None
     token_start: int
     token_end: int
+    char_start: int | None
+    char_end: int | None
+    passage: str
+    chunk_ids: list[int]
     citation: Citation | None
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["citation"] = self.citation.as_dict() if self.citation else None
         return d
+
+
+def _char_at(refs: Sequence[ChunkRef], token: int, end: bool) -> int | None:
+    """Interpolated character offset of a token boundary, from the chunks around it."""
+    for r in refs:
+        if r.token_start <= token <= r.token_end and r.token_end > r.token_start:
+            frac = (token - r.token_start) / (r.token_end - r.token_start)
+            return r.char_start + round(frac * (r.char_end - r.char_start))
+    before = [r for r in refs if r.token_end <= token]
+    after = [r for r in refs if r.token_start >= token]
+    if end and before:
+        return max(r.char_end for r in before)
+    if after:
+        return min(r.char_start for r in after)
+    return max((r.char_end for r in before), default=None)
+
+
+def block_passage(
+    refs: Sequence[ChunkRef], token_start: int, token_end: int
+) -> tuple[int | None, int | None, str, list[int]]:
+    """(char_start, char_end, text, overlapping chunk ids) of a block of one document."""
+    over = [r for r in refs if min(r.token_end, token_end) > max(r.token_start, token_start)]
+    a, b = _char_at(refs, token_start, False), _char_at(refs, token_end, True)
+    if a is None or b is None or b <= a:
+        return a, b, "", [r.chunk_id for r in over]
+    pieces, end = [], a
+    for r in sorted(over, key=lambda r: r.char_start):
+        lo, hi = max(end, r.char_start, a), min(r.char_end, b)
+        if hi > lo:
+            pieces.append(r.text[lo - r.char_start : hi - r.char_start])
+            end = hi
+    return a, b, " ".join(p.strip() for p in pieces), [r.chunk_id for r in over]
 
 
 @dataclass
@@ -171,8 +213,12 @@ class Summary:
             "source_name": self.source_name,
             "text": self.text,
             "parts": [
-                {"char_start": p.char_start, "char_end": p.char_end, "text": p.text,
-                 "passages": [c.as_dict() for c in p.passages]}
+                {
+                    "char_start": p.char_start,
+                    "char_end": p.char_end,
+                    "text": p.text,
+                    "passages": [c.as_dict() for c in p.passages],
+                }
                 for p in self.parts
             ],
         }
@@ -213,8 +259,14 @@ def make_snippet(text: str, query: str | None = None, limit: int = 240) -> str:
 
 def citation_of(ref: ChunkRef, score: float, query: str | None = None) -> Citation:
     return Citation(
-        ref.document_id, ref.source_name, ref.chunk_id, ref.ordinal, ref.char_start, ref.char_end,
-        make_snippet(ref.text, query), float(score),
+        ref.document_id,
+        ref.source_name,
+        ref.chunk_id,
+        ref.ordinal,
+        ref.char_start,
+        ref.char_end,
+        make_snippet(ref.text, query),
+        float(score),
     )
 
 
@@ -249,7 +301,9 @@ class KnowledgeService:
     # ----------------------------------------------------------------------------- construction
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings, engine=None, embedder: Embedder | None = None, **kwargs: Any) -> AsyncIterator[KnowledgeService]:
+    async def open(
+        cls, settings, engine=None, embedder: Embedder | None = None, **kwargs: Any
+    ) -> AsyncIterator[KnowledgeService]:
         store = await MemoryStore.from_settings(settings)
         try:
             yield cls(store, engine, embedder, **kwargs)
@@ -299,14 +353,21 @@ class KnowledgeService:
             kbs = await KnowledgeBaseRepository(s).list()
             out = []
             for kb in kbs:
-                docs = (await s.execute(
-                    select(func.count(Document.id), func.coalesce(func.sum(Document.token_count), 0))
-                    .where(Document.knowledge_base_id == kb.id, Document.status == "ready")
-                )).one()
-                total = (await s.execute(select(func.count(Document.id)).where(Document.knowledge_base_id == kb.id))).scalar_one()
-                blocks = (await s.execute(
-                    select(func.count(MemoryBlockRow.id)).where(MemoryBlockRow.knowledge_base_id == kb.id)
-                )).scalar_one()
+                docs = (
+                    await s.execute(
+                        select(func.count(Document.id), func.coalesce(func.sum(Document.token_count), 0)).where(
+                            Document.knowledge_base_id == kb.id, Document.status == "ready"
+                        )
+                    )
+                ).one()
+                total = (
+                    await s.execute(select(func.count(Document.id)).where(Document.knowledge_base_id == kb.id))
+                ).scalar_one()
+                blocks = (
+                    await s.execute(
+                        select(func.count(MemoryBlockRow.id)).where(MemoryBlockRow.knowledge_base_id == kb.id)
+                    )
+                ).scalar_one()
                 out.append(KBInfo(kb.id, kb.name, kb.description, int(total), int(docs[0]), int(blocks), int(docs[1])))
             return out
 
@@ -421,7 +482,9 @@ class KnowledgeService:
                 encode_document, engine, ids, lambda n: emit("tokens", {"source": source_name, "n": n}), should_stop
             )
             owner_map = block_chunk_indices(blocks, [(c.token_start, c.token_end) for c in chunks])
-            fields = dict(sha256=sha, media_type=media_type, meta=meta or {}, token_count=len(ids), char_count=len(text))
+            fields = dict(
+                sha256=sha, media_type=media_type, meta=meta or {}, token_count=len(ids), char_count=len(text)
+            )
             async with self.store.writer(Owner.kb(kb_row.id), engine_layout(engine), model=self.model_name) as w:
                 if pending_id is not None and await w.session.get(Document, pending_id) is not None:
                     doc = await w.documents.set_status(pending_id, "ready", None, **fields)
@@ -452,9 +515,13 @@ class KnowledgeService:
         async with self.store.sessions() as s:
             repo = DocumentRepository(s)
             if existing is not None:  # an earlier error or an interrupted run: start it again
-                doc = await repo.set_status(existing.id, "pending", None, sha256=sha, media_type=media_type, meta=meta or {})
+                doc = await repo.set_status(
+                    existing.id, "pending", None, sha256=sha, media_type=media_type, meta=meta or {}
+                )
             else:
-                doc = await repo.create(kb_id, source_name, sha256=sha, media_type=media_type, meta=meta, status="pending")
+                doc = await repo.create(
+                    kb_id, source_name, sha256=sha, media_type=media_type, meta=meta, status="pending"
+                )
             await s.commit()
             return doc.id
 
@@ -582,7 +649,9 @@ class KnowledgeService:
         return src
 
     @staticmethod
-    def _allowed_blocks(src, index: ChunkIndex, candidates: Sequence[ChunkRef] | None, restrict: str) -> np.ndarray | None:
+    def _allowed_blocks(
+        src, index: ChunkIndex, candidates: Sequence[ChunkRef] | None, restrict: str
+    ) -> np.ndarray | None:
         """Block ids memory may retrieve (None = all)."""
         if restrict == "none" or candidates is None:
             return None
@@ -596,8 +665,10 @@ class KnowledgeService:
             for c in candidates:
                 spans[c.document_id].append((c.token_start, c.token_end))
             keep = [
-                b for b, e in zip(ids.tolist(), infos, strict=True)
-                if e is not None and any(min(te, e.token_end) > max(ts, e.token_start) for ts, te in spans.get(e.document_id, ()))
+                b
+                for b, e in zip(ids.tolist(), infos, strict=True)
+                if e is not None
+                and any(min(te, e.token_end) > max(ts, e.token_start) for ts, te in spans.get(e.document_id, ()))
             ]
         return np.array(keep, np.int64)
 
@@ -615,17 +686,32 @@ class KnowledgeService:
         total = sum(mass.values()) or 1.0
         best = sorted(mass.items(), key=lambda kv: -kv[1])[:n]
         infos = src.block_info(np.array([b for b, _ in best], np.int64)) if best else []
+        doc_refs: dict[int, list[ChunkRef]] = {}
         out = []
         for (bid, m), info in zip(best, infos, strict=True):
             if info is None:
                 continue  # deleted since (cannot happen within one locked call, kept for safety)
+            refs = doc_refs.setdefault(info.document_id, index.chunks_of(info.document_id)) if info.document_id else []
+            a, b, passage, chunk_ids = block_passage(refs, info.token_start, info.token_end)
             cit = None
             if info.chunk_id is not None and info.chunk_id in index.by_id:
                 cit = citation_of(index.refs[index.by_id[info.chunk_id]], m / total)
-            out.append(TraceEntry(
-                bid, m / total, retrieved.get(bid, 0), info.document_id,
-                cit.source_name if cit else None, info.token_start, info.token_end, cit,
-            ))
+            out.append(
+                TraceEntry(
+                    bid,
+                    m / total,
+                    retrieved.get(bid, 0),
+                    info.document_id,
+                    cit.source_name if cit else None,
+                    info.token_start,
+                    info.token_end,
+                    a,
+                    b,
+                    passage,
+                    chunk_ids,
+                    cit,
+                )
+            )
         return out
 
     def _memory_state(self, src, allowed: np.ndarray | None, trace: bool = True, **overrides):
@@ -655,16 +741,22 @@ class KnowledgeService:
                 if s_idx == pos:
                     entries[bid] = m
             infos = src.block_info(np.array(list(entries), np.int64)) if entries else []
-            for (bid, m), info in zip(entries.items(), infos, strict=True):
+            for m, info in zip(entries.values(), infos, strict=True):
                 if info is not None and info.document_id is not None:
                     per_doc[info.document_id] += m
             return per_doc
 
         per_doc = await self._run_model(work)
         async with self.store.sessions() as s:
-            names = dict((await s.execute(
-                select(Document.id, Document.source_name).where(Document.id.in_(list(per_doc)))
-            )).all()) if per_doc else {}
+            names = (
+                dict(
+                    (
+                        await s.execute(select(Document.id, Document.source_name).where(Document.id.in_(list(per_doc))))
+                    ).all()
+                )
+                if per_doc
+                else {}
+            )
         ranked = sorted(per_doc.items(), key=lambda kv: -kv[1])[:k]
         return [(names[d], float(m)) for d, m in ranked if d in names]
 
@@ -725,8 +817,12 @@ class KnowledgeService:
                 state, pos = engine.new_state(mode="window"), 1
             else:
                 restrict_to = restrict if documents is None or restrict != "none" else "documents"
-                pool = candidates if restrict_to == "candidates" else (
-                    candidates if documents is None else [r for r in index.refs if r.document_id in set(documents)]
+                pool = (
+                    candidates
+                    if restrict_to == "candidates"
+                    else (
+                        candidates if documents is None else [r for r in index.refs if r.document_id in set(documents)]
+                    )
                 )
                 allowed = self._allowed_blocks(src, index, pool, restrict_to)
                 state, pos = self._memory_state(src, allowed)
@@ -752,7 +848,7 @@ class KnowledgeService:
 
         text, n_out, finish, trace = await self._run_model(work)
         if mode == "memory":
-            citations = _citations_from_trace(trace)
+            citations = _citations_from_trace(trace, index)
         else:
             citations = [citation_of(r, s, question) for r, s in prompt_refs]
         return Answer(text, mode, citations, trace, len(ids), n_out, finish)
@@ -784,9 +880,11 @@ class KnowledgeService:
         parts: list[SummaryPart] = []
         for sec in sections:
             text = _join_chunks(sec)
-            content = f"Summarize the following part of the document \"{row.source_name}\" in two or three sentences.\n\n{text}"
+            content = (
+                f'Summarize the following part of the document "{row.source_name}" in two or three sentences.\n\n{text}'
+            )
             out, trace = await self._generate_with_memory(engine, src, index, doc_blocks, content, params, passages)
-            cites = _citations_from_trace(trace) or [citation_of(sec[0], 1.0)]
+            cites = _citations_from_trace(trace, index) or [citation_of(sec[0], 1.0)]
             parts.append(SummaryPart(sec[0].char_start, sec[-1].char_end, out, cites))
         if len(parts) == 1:
             return Summary(row.id, row.source_name, parts[0].text, parts)
@@ -803,8 +901,9 @@ class KnowledgeService:
             groups.append(cur)
             new = []
             for g in groups:
-                content = "Combine these section summaries into one short summary of the whole document.\n\n" + "\n\n".join(
-                    f"Section {i + 1}: {t}" for i, t in enumerate(g)
+                content = (
+                    "Combine these section summaries into one short summary of the whole document.\n\n"
+                    + "\n\n".join(f"Section {i + 1}: {t}" for i, t in enumerate(g))
                 )
                 out, _ = await self._generate_with_memory(engine, src, index, doc_blocks, content, params, 0)
                 new.append(out)
@@ -839,18 +938,20 @@ def _question_prompt(question: str, refs: Sequence[ChunkRef], instruction: str |
     return "\n".join(parts)
 
 
-def _citations_from_trace(trace: Sequence[TraceEntry]) -> list[Citation]:
-    """One citation per chunk among the traced blocks (attention shares of its blocks summed)."""
-    by_chunk: dict[int, Citation] = {}
+def _citations_from_trace(trace: Sequence[TraceEntry], index: ChunkIndex) -> list[Citation]:
+    """One citation per chunk the traced blocks overlap; score = the blocks' attention shares,
+    each split over its chunks by token overlap."""
+    scores: dict[int, float] = defaultdict(float)
     for t in trace:
-        if t.citation is None:
-            continue
-        c = by_chunk.get(t.citation.chunk_id)
-        if c is None:
-            by_chunk[t.citation.chunk_id] = dataclasses.replace(t.citation, score=t.attention)
-        else:
-            c.score += t.attention
-    return sorted(by_chunk.values(), key=lambda c: -c.score)
+        n = max(1, t.token_end - t.token_start)
+        for cid in t.chunk_ids:
+            if cid not in index.by_id:
+                continue
+            r = index.refs[index.by_id[cid]]
+            overlap = min(r.token_end, t.token_end) - max(r.token_start, t.token_start)
+            scores[cid] += t.attention * max(0, overlap) / n
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    return [citation_of(index.refs[index.by_id[cid]], sc) for cid, sc in ranked if sc > 0]
 
 
 def _sections(refs: Sequence[ChunkRef], section_tokens: int) -> list[list[ChunkRef]]:

@@ -26,6 +26,7 @@ def search_vectors(q: torch.Tensor, n_kv_heads: int, strategy: str, last_n: int 
       ``mean``       one vector: the chunk's mean query (InfLLM).
       ``last``       one vector: the mean of the last ``last_n`` tokens' queries (the asking tokens).
       ``mean+last``  both of the above (their results are merged).
+    The ``heads`` strategy (per head, per asking token, z-scored) uses :func:`per_head_rows`.
     """
     per_token = group_sum_queries(q, n_kv_heads)  # (T, Hkv*D)
     mean = per_token.mean(dim=0, keepdim=True)
@@ -36,7 +37,7 @@ def search_vectors(q: torch.Tensor, n_kv_heads: int, strategy: str, last_n: int 
         return last
     if strategy == "mean+last":
         return torch.cat([mean, last])
-    raise ValueError(f"unknown retrieval strategy {strategy!r} (mean, last, mean+last)")
+    raise ValueError(f"unknown retrieval strategy {strategy!r} (mean, last, mean+last; heads is per-head)")
 
 
 def choose_representatives(keys: torch.Tensor, mass: torch.Tensor, count: int) -> torch.Tensor:
@@ -49,3 +50,50 @@ def choose_representatives(keys: torch.Tensor, mass: torch.Tensor, count: int) -
     hkv, n, d = keys.shape
     top = torch.topk(mass.sum(dim=0), k=min(count, n)).indices  # (R,)
     return keys[:, top, :].float().permute(1, 0, 2).reshape(len(top), hkv * d)
+
+
+def per_head_rows(q: torch.Tensor, n_kv_heads: int, last_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One search row per (asking token, query head), for per-head scoring in the concatenated index.
+
+    q: (Hq, T, D) pre-RoPE. The asking tokens are the last ``last_n`` tokens. Row r holds query
+    head h's vector in kv head g = h // G's slot and zeros elsewhere, so its inner product with a
+    representative is exactly that head's (unrotated) logit against the representative's kv head.
+    Returns rows (n, Hkv*D) float32, kv head of each row (n,), and the row's query (n, D).
+    """
+    hq, _, d = q.shape
+    groups = hq // n_kv_heads
+    asking = q[:, -last_n:].float()  # (Hq, n_t, D)
+    n_t = asking.shape[1]
+    heads = torch.arange(hq).repeat_interleave(n_t)  # (Hq*n_t,)
+    kv = heads // groups
+    vectors = asking.reshape(hq * n_t, d)
+    rows = torch.zeros(hq * n_t, n_kv_heads * d)
+    for g in range(n_kv_heads):
+        sel = kv == g
+        rows[sel, g * d : (g + 1) * d] = vectors[sel]
+    return rows, kv, vectors
+
+
+def key_statistics(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (Hkv, D) and covariance (Hkv, D, D) of pre-RoPE keys (Hkv, N, D), float32."""
+    k = keys.float()
+    mean = k.mean(dim=1)
+    centred = k - mean.unsqueeze(1)
+    cov = centred.transpose(1, 2) @ centred / max(1, k.shape[1] - 1)
+    return mean, cov
+
+
+def zscores(
+    scores: torch.Tensor, queries: torch.Tensor, kv: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor
+) -> torch.Tensor:
+    """Standardise each row's logits by the distribution of logits over typical keys.
+
+    For query q and keys k with mean mu and covariance S, q.k has mean q.mu and variance q^T S q;
+    z = (q.k - q.mu) / sqrt(q^T S q). Per row this is a monotone map (a row's own ranking is
+    unchanged), but it puts heads and tokens with very different logit scales on one footing, so
+    the max over rows is not dominated by the heads with the largest logits.
+    scores (n, k); queries (n, D); kv (n,) kv head of each row; mean (Hkv, D); cov (Hkv, D, D).
+    """
+    mu = (queries * mean[kv]).sum(-1, keepdim=True)  # (n, 1)
+    var = torch.einsum("nd,nde,ne->n", queries, cov[kv], queries).clamp_min(1e-6).unsqueeze(-1)
+    return (scores - mu) / var.sqrt()

@@ -9,9 +9,7 @@ keys seen at one fixed RoPE distance like block memory.
 
 from __future__ import annotations
 
-
 import faiss
-import numpy as np
 import torch
 
 
@@ -62,5 +60,3 @@ class TokenMemory:
         lse = torch.logsumexp(scores, dim=-1)  # (Hkv, G, T)
         out = torch.einsum("hgtk,htkd->hgtd", torch.exp(scores - lse.unsqueeze(-1)), vv)
         return out.reshape(1, hq, t, self.head_dim).to(q_mem.dtype), lse.reshape(1, hq, t)
-
-

@@ -19,7 +19,14 @@ CHATML = (
 )
 
 TINY_MEMORY = MemorySettings(
-    mode="memory", sinks=4, window=64, chunk=32, block_size=16, representatives=2, top_k=4, memory_distance=64,
+    mode="memory",
+    sinks=4,
+    window=64,
+    chunk=32,
+    block_size=16,
+    representatives=2,
+    top_k=4,
+    memory_distance=64,
     decode_search_every=4,
 )
 
@@ -30,8 +37,15 @@ def tiny_engine(seed: int = 0) -> Engine:
     tok = AutoTokenizer.from_pretrained(str(bundled_model_path()))
     tok.chat_template = CHATML
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     sd = LlamaForCausalLM(cfg).state_dict()

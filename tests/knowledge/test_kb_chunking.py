@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,7 @@ def test_overlap_inside_a_paragraph():
     text = " ".join(f"Sentence number {i} says something." for i in range(30))
     chunks = chunk_text(text, TokenMap.approximate(text), max_tokens=40, overlap_tokens=14)
     assert len(chunks) >= 3
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert b.char_start < a.char_end  # overlapping
         assert b.char_start > a.char_start  # progress
         shared = text[b.char_start : a.char_end]
@@ -81,7 +83,13 @@ def test_block_to_chunk_by_largest_overlap():
     spans = [(0, 10), (8, 30), (30, 45)]
     d = 1
     blocks = [
-        MemoryBlock(np.zeros((1, 1, n, d), np.float16), np.zeros((1, 1, n, d), np.float16), np.zeros((1, 1, d), np.float32), s, s + n)
+        MemoryBlock(
+            np.zeros((1, 1, n, d), np.float16),
+            np.zeros((1, 1, n, d), np.float16),
+            np.zeros((1, 1, d), np.float32),
+            s,
+            s + n,
+        )
         for s, n in [(0, 9), (9, 16), (25, 16), (41, 4)]
     ]
     assert block_chunk_indices(blocks, spans) == [0, 1, 2, 2]

@@ -6,6 +6,8 @@ trace ever points at the old content."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import sqlite3
 
 import numpy as np
@@ -54,18 +56,28 @@ async def test_ingest_statuses_rows_blocks_and_provenance(svc, tmp_path):
     assert (doc.status, doc.meta, doc.char_count, doc.token_count) == ("ready", {"lang": "en"}, len(text), res.tokens)
     # every token of the document lies in exactly one block, and blocks point at the chunk they overlap most
     async with svc.store.sessions() as s:
-        blocks = (await s.execute(select(MemoryBlockRow).where(MemoryBlockRow.document_id == doc.id)
-                                  .order_by(MemoryBlockRow.token_start))).scalars().all()
+        blocks = (
+            (
+                await s.execute(
+                    select(MemoryBlockRow)
+                    .where(MemoryBlockRow.document_id == doc.id)
+                    .order_by(MemoryBlockRow.token_start)
+                )
+            )
+            .scalars()
+            .all()
+        )
         chunks = {c.id: c for c in (await s.execute(select(Chunk).where(Chunk.document_id == doc.id))).scalars()}
     assert len(blocks) == res.blocks and len(chunks) == res.chunks
     spans = [(b.token_start, b.token_end) for b in blocks]
-    assert spans[0][0] == 0 and spans[-1][1] == res.tokens
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert spans[0][0] == 1 and spans[-1][1] == res.tokens  # token 0 (the attention sink) is not kept
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     for b in blocks:
         c = chunks[b.chunk_id]
         best = max(chunks.values(), key=lambda x: min(x.token_end, b.token_end) - max(x.token_start, b.token_start))
-        assert min(c.token_end, b.token_end) - max(c.token_start, b.token_start) == \
-            min(best.token_end, b.token_end) - max(best.token_start, b.token_start)
+        assert min(c.token_end, b.token_end) - max(c.token_start, b.token_start) == min(
+            best.token_end, b.token_end
+        ) - max(best.token_start, b.token_start)
         assert text[c.char_start : c.char_end] == c.text
     src = await svc.store.open_source(Owner.kb(doc.knowledge_base_id))
     assert src.num_blocks() == len(blocks)
@@ -136,7 +148,9 @@ async def test_replace_is_atomic_and_forgets_the_old_version(svc):
     src = await svc.store.open_source(Owner.kb(kb.id))
     live = set(src.block_ids().tolist())
     async with svc.store.sessions() as s:
-        rows = set((await s.execute(select(MemoryBlockRow.id).where(MemoryBlockRow.knowledge_base_id == kb.id))).scalars())
+        rows = set(
+            (await s.execute(select(MemoryBlockRow.id).where(MemoryBlockRow.knowledge_base_id == kb.id))).scalars()
+        )
     assert live == rows
     rng = np.random.default_rng(0)
     for layer in src.layout.layers:
@@ -220,7 +234,7 @@ async def test_interrupted_directory_ingestion_resumes(svc, tmp_path):
 
 async def test_json_lines_become_documents_and_kb_lifecycle(svc, tmp_path):
     f = tmp_path / "records.jsonl"
-    f.write_text('{"text": "%s", "id": 1}\n{"text": "%s", "id": 2}\n' % (PARAGRAPHS[0], PARAGRAPHS[1]))
+    f.write_text("\n".join(json.dumps({"text": p, "id": i}) for i, p in enumerate(PARAGRAPHS[:2], 1)))
     report = await svc.ingest_paths("kb", [f])
     assert [r.source_name for r in report.results] == ["records.jsonl#0", "records.jsonl#1"]
     infos = {i.name: i for i in await svc.list_kbs()}

@@ -15,8 +15,16 @@ from memllm.knowledge.ranking import HybridIndex, fuse
 
 @pytest.mark.parametrize(
     ("word", "expected"),
-    [("caresses", "caress"), ("ponies", "poni"), ("relational", "relat"), ("hopping", "hop"),
-     ("generalization", "gener"), ("effective", "effect"), ("adjustment", "adjust"), ("sky", "sky")],
+    [
+        ("caresses", "caress"),
+        ("ponies", "poni"),
+        ("relational", "relat"),
+        ("hopping", "hop"),
+        ("generalization", "gener"),
+        ("effective", "effect"),
+        ("adjustment", "adjust"),
+        ("sky", "sky"),
+    ],
 )
 def test_porter(word, expected):
     assert stem(word) == expected

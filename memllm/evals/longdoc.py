@@ -1,0 +1,190 @@
+"""Long-document QA on L-Eval files: ingest each document, ask its questions in every mode.
+
+Modes (same model, same run):
+  ``memory``      the knowledge base's memory only (kNN over the document's blocks, restricted to the
+                  blocks of the hybrid search's candidate chunks); the prompt holds the question
+  ``rag``         the best chunks (hybrid search) in the prompt, no memory
+  ``hybrid``      both
+  ``truncation``  baseline: as much of the document's beginning as fits ``--context`` tokens, then
+                  the question, full attention (the document prefix is read once per document)
+
+Scores: multiple choice (``evaluation == "exam"``, e.g. quality.jsonl): exact match of the option
+letter; open questions (``f1``, e.g. natural_question.jsonl): token F1 after SQuAD normalisation
+and Porter stemming (best over the gold answers given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from memllm.evals.common import format_table, token_f1
+
+MODES = ("memory", "rag", "hybrid", "truncation")
+MC_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option only."
+OPEN_INSTRUCTION = "Answer the question with a short phrase from the document."
+
+
+def load_leval(path: Path, limit: int | None = None, max_chars: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` documents (of at most ``max_chars`` characters, when given), in file order."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if max_chars and len(row["input"]) > max_chars:
+                continue
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def is_multiple_choice(row: dict[str, Any], question: str) -> bool:
+    return row.get("evaluation") == "exam" or bool(re.search(r"\n\s*\(A\)", question))
+
+
+def letter_of(text: str) -> str | None:
+    """The option letter of an answer: "(B)" anywhere, else a leading "B", else the first lone A-D."""
+    text = text.strip()
+    for pattern in (r"\(([ABCD])\)", r"^([ABCD])\b", r"\b([ABCD])\b"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    return None
+
+
+def score(pred: str, gold: str | list[str], mc: bool) -> float:
+    golds = gold if isinstance(gold, list) else [gold]
+    if mc:
+        want = letter_of(golds[0])
+        return float(want is not None and letter_of(pred) == want)
+    return max(token_f1(pred, g) for g in golds)
+
+
+def _truncation_state(engine, doc: str, context: int, reserve: int):
+    """(state after reading '<user turn start> + document prefix', tokens of the prefix)."""
+    open_ids = engine.encode("<|im_start|>user\n") if "<|im_start|>" in (engine.tokenizer.chat_template or "") else []
+    doc_ids = engine.encode(doc)[: max(0, context - reserve - len(open_ids))]
+    state = engine.new_state(mode="full")
+    engine.prefill(state, open_ids + doc_ids)
+    return state, len(open_ids) + len(doc_ids)
+
+
+def _truncation_answer(engine, base_state, question_text: str, max_tokens: int) -> str:
+    from memllm.sampling import SamplingParams
+
+    suffix = "\n\n" + question_text
+    if "<|im_start|>" in (engine.tokenizer.chat_template or ""):
+        suffix += "<|im_end|>\n<|im_start|>assistant\n"
+    state = copy.deepcopy(base_state)
+    toks = list(engine.generate(state, engine.encode(suffix), SamplingParams(max_tokens=max_tokens, temperature=0.0)))
+    return engine.tokenizer.decode(toks, skip_special_tokens=True).strip()
+
+
+async def evaluate(
+    data: Path,
+    *,
+    settings,
+    limit: int | None = 1,
+    questions: int | None = 5,
+    modes: tuple[str, ...] = MODES,
+    context: int = 8192,
+    max_tokens: int | None = None,
+    engine=None,
+    max_chars: int | None = None,
+    log=print,
+) -> dict[str, Any]:
+    from memllm.knowledge.service import temporary_service
+
+    rows = load_leval(data, limit, max_chars)
+    per_mode: dict[str, list[float]] = {m: [] for m in modes}
+    details = []
+    t_start = time.perf_counter()
+    ingest_tokens, ingest_s = 0, 0.0
+    with tempfile.TemporaryDirectory(prefix="memllm-longdoc-") as tmp:
+        async with temporary_service(settings, Path(tmp), engine=engine) as svc:
+            engine = svc.engine
+            await svc.create_kb("longdoc")
+            for d, row in enumerate(rows):
+                name = f"{data.stem}-{d}"
+                t0 = time.perf_counter()
+                res = await svc.ingest_text("longdoc", name, row["input"])
+                if res.status != "ready":
+                    log(f"document {d}: {res.error}")
+                    continue
+                ingest_tokens += res.tokens
+                ingest_s += time.perf_counter() - t0
+                log(f"document {d}: {res.tokens} tokens ingested in {time.perf_counter() - t0:.0f} s")
+                qs = list(zip(row["instructions"], row["outputs"], strict=False))[: questions or None]
+                base = None
+                if "truncation" in modes:
+                    base, _ = await svc._run_model(_truncation_state, engine, row["input"], context, 320)
+                for q, gold in qs:
+                    mc = is_multiple_choice(row, q)
+                    instruction = MC_INSTRUCTION if mc else OPEN_INSTRUCTION
+                    n_out = max_tokens or (8 if mc else 24)
+                    rec: dict[str, Any] = {"document": d, "question": q[:200], "gold": gold, "mc": mc}
+                    for mode in modes:
+                        if mode == "truncation":
+                            pred = await svc._run_model(
+                                _truncation_answer, engine, base, f"{instruction}\nQuestion: {q}", n_out
+                            )
+                        else:
+                            ans = await svc.ask(
+                                "longdoc",
+                                q,
+                                mode=mode,
+                                instruction=instruction,
+                                max_tokens=n_out,
+                                documents=[res.document_id],
+                                system=None,
+                            )
+                            pred = ans.text
+                        s = score(pred, gold, mc)
+                        per_mode[mode].append(s)
+                        rec[mode] = {"answer": pred[:200], "score": s}
+                    details.append(rec)
+                    log("  " + "  ".join(f"{m}={rec[m]['score']:.2f}" for m in modes) + f"  | {q[:60]!r}")
+    metric = "exact match" if rows and is_multiple_choice(rows[0], rows[0]["instructions"][0]) else "token F1"
+    table = [{"mode": m, "questions": len(v), metric: (sum(v) / len(v) if v else 0.0)} for m, v in per_mode.items()]
+    return {
+        "config": {
+            "data": str(data),
+            "max_chars": max_chars,
+            "limit": limit,
+            "questions": questions,
+            "context": context,
+            "memory": dict(vars(settings.memory)) if hasattr(settings.memory, "__dict__") else str(settings.memory),
+        },
+        "metric": metric,
+        "rows": table,
+        "ingest": {
+            "tokens": ingest_tokens,
+            "seconds": ingest_s,
+            "tokens_per_s": ingest_tokens / ingest_s if ingest_s else 0.0,
+        },
+        "seconds": time.perf_counter() - t_start,
+        "details": details,
+    }
+
+
+def run(data: Path, **kwargs: Any) -> dict[str, Any]:
+    return asyncio.run(evaluate(data, **kwargs))
+
+
+def print_result(result: dict[str, Any]) -> str:
+    metric = result["metric"]
+    text = format_table(result["rows"], ["mode", "questions", metric])
+    ing = result["ingest"]
+    return (
+        text
+        + f"\n\ningested {ing['tokens']} tokens at {ing['tokens_per_s']:.0f} tok/s; total {result['seconds']:.0f} s"
+    )
