@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from memllm.cli import CliError, _engine, _sampling, friendly_errors, sampling_options
+from memllm.cli_common import CliError, _engine, _sampling, friendly_errors, sampling_options
 from memllm.settings import get_settings
 
 

@@ -13,42 +13,21 @@ migrated first (``memllm db upgrade``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
+from memllm.cli_common import CliError, friendly_errors
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 
-class KnowledgeCliError(click.ClickException):
-    def show(self, file=None) -> None:
-        click.echo(f"memllm: error: {self.message}", err=True)
+KnowledgeCliError = CliError
 
-
-def _errors(fn):
-    """Expected failures print one line (``memllm: error: ...``) and exit 1; -v shows tracebacks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from storage import DatabaseNotMigratedError, NotFoundError
-
-        try:
-            return fn(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted (already ingested documents are kept; run again to resume)", err=True)
-            sys.exit(130)
-        except (ValueError, RuntimeError, OSError, LookupError, NotFoundError, DatabaseNotMigratedError) as exc:
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
-                raise
-            raise KnowledgeCliError(str(exc) or type(exc).__name__) from exc
-
-    return wrapper
+# Expected failures print one line (``memllm: error: ...``) and exit 1; -v shows tracebacks.
+_errors = friendly_errors(on_interrupt="interrupted (already ingested documents are kept; run again to resume)")
 
 
 def _settings():
