@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,7 @@ def resolve_model_dir(settings: Settings) -> tuple[str, Path]:
         folder = settings.data_dir / "models" / spec
         if not (folder / "config.json").is_file():
             gguf = bundled_gguf(spec)
-            print(f"memllm: preparing the bundled model {spec} (one time, ~30 s)...", flush=True)
+            print(f"memllm: preparing the bundled model {spec} (one time, ~30 s)...", file=sys.stderr, flush=True)
             convert_gguf(gguf, folder)
         return spec, folder
     path = Path(spec).expanduser()

@@ -16,6 +16,12 @@ from memllm.settings import get_settings
 
 
 @pytest.fixture
+def model_ready(real_model):
+    """The converted bundled model under the test data dir (MEMLLM_MODEL below points at it)."""
+    return real_model
+
+
+@pytest.fixture
 def cli_env(tmp_path, monkeypatch):
     data = tmp_path / "data"
     store = asyncio.run(migrated_store(f"sqlite+aiosqlite:///{data / 'memllm.db'}", data))
@@ -50,7 +56,7 @@ def test_sessions_commands_without_a_model(cli_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_chat_session_persists_turns_across_runs(cli_env, tmp_path):
+def test_chat_session_persists_turns_across_runs(model_ready, cli_env, tmp_path):
     """Two separate `memllm chat --session` runs (two "processes"): the second continues the first."""
     runner = CliRunner()
     first = _ok(runner.invoke(chat, ["--session", "trip", "--max-tokens", "4"], input="My name is Ada.\n\n"))
