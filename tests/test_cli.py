@@ -34,7 +34,9 @@ def test_generate_streams_a_sensible_answer(real_model):
 def test_chat_answers_in_the_context_of_earlier_turns(real_model):
     """Greedy replies: the answer to the second question depends on the first turn being in context."""
     question = "What is my favourite colour?"
-    both = memllm("chat", "--max-tokens", "25", "--mode", "full", stdin=f"My favourite colour is green.\n{question}\n\n")
+    both = memllm(
+        "chat", "--max-tokens", "25", "--mode", "full", stdin=f"My favourite colour is green.\n{question}\n\n"
+    )
     alone = memllm("chat", "--max-tokens", "25", "--mode", "full", stdin=f"{question}\n\n")
     assert both.returncode == 0 and alone.returncode == 0, both.stderr + alone.stderr
     replies = [r.split("\nyou>")[0].strip() for r in both.stdout.split("bot>")[1:]]

@@ -52,7 +52,12 @@ def _run(coro):
 @click.option("--system", default=None, help="system prompt (a new session or an unsaved chat)")
 @click.option("--kb", "kb_ids", multiple=True, type=int, help="knowledge base id a new session consults (repeatable)")
 @click.option("--trace", is_flag=True, help="after each reply, show the memory blocks it attended to most")
-@click.option("--mode", type=click.Choice(["memory", "window", "full"]), default=None, help="attention mode (sessions: memory or window)")
+@click.option(
+    "--mode",
+    type=click.Choice(["memory", "window", "full"]),
+    default=None,
+    help="attention mode (sessions: memory or window)",
+)
 @sampling_options
 @friendly_errors
 def chat(
