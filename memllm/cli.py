@@ -165,6 +165,19 @@ def bench_ppl(text_path, tokens, modes, no_hf, out, **memory) -> None:
     click.echo(f"wrote {out}")
 
 
+@bench.command("needle-rank")
+@click.option("--length", default="16k", show_default=True)
+@click.option("--depth", default=0.5, show_default=True)
+@click.option("--filler", type=click.Choice(["grass", "essays"]), default="grass", show_default=True)
+@friendly_errors
+def bench_needle_rank(length: str, depth: float, filler: str) -> None:
+    """Rank of the passkey's block at every layer under each retrieval scoring (offline, no generation)."""
+    from memllm.bench.common import parse_sizes
+    from memllm.bench.needle_rank import needle_ranks, print_rows
+
+    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler))
+
+
 @bench.command("patterns")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--tokens", default=32768, show_default=True)

@@ -1,0 +1,81 @@
+"""``memllm bench needle-rank``: where the needle block ranks at each layer, per retrieval scoring.
+
+Reads one passkey prompt through the engine in memory mode, keeps the pre-RoPE queries of the last
+prompt chunk (forward hooks on the fused QKV projections), and ranks every memory block for each
+layer under each scoring (``mean``, ``last``, ``heads``): the offline check of retrieval that
+explains an end-to-end pass or failure without generating anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from memllm.bench.common import format_table
+from memllm.bench.passkey import build_prompt
+from memllm.engine import Engine
+from memllm.memory.retrieval import key_statistics, per_head_rows, search_vectors, zscores
+
+SCORINGS = ("mean", "last", "heads")
+
+
+def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for s, i in zip(scores.ravel().tolist(), ids.ravel().tolist(), strict=True):
+        if i >= 0 and s > best.get(i, -np.inf):
+            best[i] = s
+    return best
+
+
+@torch.inference_mode()
+def needle_ranks(engine: Engine, length: int, depth: float, filler: str, key: int = 51234) -> list[dict]:
+    """One row per scoring: rank of the needle block at every layer, and layers with rank < top_k."""
+    cfg = engine.model.config
+    prompt = build_prompt(engine, length, depth, key, filler)
+    last_qkv: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.attention.wqkv.register_forward_hook(lambda m, i, o, idx=idx: last_qkv.__setitem__(idx, o.detach()))
+        for idx, layer in enumerate(engine.model.layers)
+    ]
+    try:
+        state = engine.new_state("memory")
+        engine.prefill(state, prompt.ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    source = state.sink
+    n = source.num_blocks()
+    spans = source.spans(np.arange(n))
+    needle = {i for i, (s, e) in enumerate(spans.tolist()) if s < prompt.needle_span[1] and e > prompt.needle_span[0]}
+    if not needle:
+        raise ValueError("the needle is still in the local window: use a longer prompt or a smaller depth")
+    rows = []
+    for scoring in SCORINGS:
+        ranks = []
+        for layer in range(cfg.n_layers):
+            qkv = last_qkv[layer][0]  # (T, (Hq + 2 Hkv) * D)
+            q = qkv[:, : cfg.n_heads * cfg.head_dim].reshape(-1, cfg.n_heads, cfg.head_dim).transpose(0, 1)
+            if scoring == "heads":
+                search, kv, vectors = per_head_rows(q, cfg.n_kv_heads, state.mem.asking_tokens)
+                scores, ids = source.search(layer, search.numpy(), n)
+                mean, cov = key_statistics(state.buf.raw[layer, 0, :, : state.buf.length])
+                scores = zscores(torch.from_numpy(scores), vectors, kv, mean, cov).numpy()
+            else:
+                scores, ids = source.search(layer, search_vectors(q, cfg.n_kv_heads, scoring).numpy(), n)
+            best = _best_per_block(scores, ids)
+            order = sorted(best, key=lambda i: -best[i])
+            ranks.append(min(order.index(b) for b in needle))
+        top_k = state.mem.top_k
+        rows.append(
+            {
+                "scoring": scoring,
+                "blocks": n,
+                f"layers_in_top{top_k}": sum(r < top_k for r in ranks),
+                "ranks": " ".join(map(str, ranks)),
+            }
+        )
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(format_table(rows))
