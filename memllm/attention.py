@@ -308,6 +308,10 @@ class StreamingAttention:
         if layer not in self.memory_layers:
             if t == 1:  # decode: one query row per head, grouped matmul beats SDPA's kernel on CPU
                 return grouped_attention_with_lse(q_rot, keys, values, None, self._scale)[0]
+            if start == 0:  # first chunk: plain causal, SDPA's fastest path
+                return F.scaled_dot_product_attention(
+                    q_rot, keys, values, is_causal=True, scale=self._scale, enable_gqa=True
+                )
             causal = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)  # (T, end) on slot positions
             return F.scaled_dot_product_attention(
                 q_rot, keys, values, attn_mask=causal, scale=self._scale, enable_gqa=True

@@ -78,7 +78,7 @@ class Engine:
         """Read ``ids`` into the state in chunks; returns the logits (V,) after the last token."""
         if not ids:
             raise ValueError("nothing to read: the prompt is empty")
-        chunk = state.mem.chunk
+        chunk = self.prefill_chunk(state)
         logits = None
         for start in range(0, len(ids), chunk):
             piece = torch.tensor([list(ids[start : start + chunk])], dtype=torch.long)
@@ -87,6 +87,12 @@ class Engine:
                 progress(piece.shape[1])
         assert logits is not None
         return logits[0, -1]
+
+    @staticmethod
+    def prefill_chunk(state: StreamingAttention) -> int:
+        """Tokens per prefill forward: memory/window modes search and evict per chunk; full attention
+        has nothing to do between chunks, so it reads up to 4096 tokens at once (fewer, larger products)."""
+        return max(state.mem.chunk, 4096) if state.mode == "full" else state.mem.chunk
 
     @torch.inference_mode()
     def logits_of(
