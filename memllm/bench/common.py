@@ -65,13 +65,16 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int | None = None) -> str:
+    """A plain-text table. Floats: 3 significant digits, or ``digits`` decimals (metrics) when given."""
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
 
     def cell(v: object) -> str:
         if isinstance(v, float):
+            if digits is not None:
+                return f"{v:.{digits}f}" if abs(v) < 10 else f"{v:.1f}"
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
 

@@ -67,21 +67,10 @@ def token_f1(prediction: str, gold: str, use_stem: bool = True) -> float:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    """Evaluation tables: metrics with 4 decimals."""
+    from memllm.bench.common import format_table as plain_table
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join([line, sep, *body])
+    return plain_table(rows, columns, digits=4)
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
