@@ -18,12 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The server on 127.0.0.1 (SQLite, bundled model, CPU) with the demo knowledge base; it prints its URL.
 run: setup
-	$(VENV)/bin/memllm generate --max-tokens 120 "Explain in three sentences why a language model benefits from long-term memory."
+	$(VENV)/bin/memllm serve
 
 test: setup
 	$(VENV)/bin/ruff check .
 	bash .ci/services.sh
+	bash .ci/browser.sh
 	$(PY) -m pytest -q
 
 lint: setup

@@ -95,6 +95,31 @@ def bench_speed(context: str, decode_tokens: int, mode: str, no_hf: bool, out: P
     click.echo(f"wrote {out}")
 
 
+@bench.command("batch")
+@click.option("--streams", default="1,2,4,8,16", show_default=True, help="concurrent stream counts")
+@click.option("--max-tokens", default=64, show_default=True, help="tokens each stream decodes")
+@click.option("--mode", type=click.Choice(["full", "window", "memory"]), default=None, help="default: the settings'")
+@click.option("--threads", type=int, default=None, help="model thread's intra-op threads (default: torch's)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results/batch.json"), show_default=True)
+@friendly_errors
+def bench_batch(streams: str, max_tokens: int, mode: str | None, threads: int | None, out: Path) -> None:
+    """Aggregate decode tokens/s of concurrent streams batched by the scheduler (continuous batching)."""
+    import dataclasses
+
+    import torch
+
+    from memllm.bench import batch
+    from memllm.bench.common import format_table, parse_sizes
+
+    settings = get_settings()
+    threads = threads or settings.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # as a server should: only the model thread runs a multi-threaded team
+    engine = _engine(dataclasses.replace(settings, threads=0))
+    rows = batch.run(engine, parse_sizes(streams), max_tokens, mode, out, threads=threads)
+    click.echo("\n" + format_table(rows))
+    click.echo(f"wrote {out}")
+
+
 def _memory_overrides(sinks, window, top_k, block_size, layers) -> dict:
     given = {"sinks": sinks, "window": window, "top_k": top_k, "block_size": block_size, "layers": layers}
     return {k: v for k, v in given.items() if v is not None}
@@ -203,18 +228,21 @@ def bench_patterns(text_path, tokens, patterns, lengths, backend, out_dir) -> No
 
 def _register_extensions() -> None:
     """Commands of the other packages (imported here, at the end: they reuse the helpers above)."""
+    from api.cli import keys, serve
     from memllm.bench.chat_latency import chat_latency
+    from memllm.bench.serve import bench_serve
     from memllm.chat.cli import chat, sessions
     from memllm.evals.cli import eval_group
     from memllm.evals.conversations import conversations_command
     from memllm.knowledge.cli import ask, ingest, kb, search, summarize
     from storage.cli import bench_storage, db
 
-    for command in (db, chat, sessions, kb, ingest, ask, search, summarize, eval_group):
+    for command in (db, chat, sessions, kb, ingest, ask, search, summarize, eval_group, serve, keys):
         cli.add_command(command)
     eval_group.add_command(conversations_command)
     bench.add_command(bench_storage)
     bench.add_command(chat_latency)
+    bench.add_command(bench_serve)
 
 
 _register_extensions()

@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from memllm.attention import StreamingAttention
 from memllm.engine import Engine
-from memllm.sampling import SamplingParams, sample
+from memllm.sampling import SamplingParams
+from memllm.serving.jobs import GenerateJob, Text, run_job
 from memllm.textstream import TextStream
 
 END_OF_TURN = "<|im_end|>"
@@ -138,6 +137,24 @@ class Conversation:
         self.messages.append(reply)
 
 
+def reply_job(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    stream: TextStream,
+    read_ids: list[int],
+    on_token: Callable[[int], None] | None = None,
+) -> GenerateJob:
+    """The chat-reply job (see memllm/serving/jobs.py): the model's stop ids end the reply (read
+    back, closing the turn); a stop string of ``stream`` or ``max_tokens`` ends it and the
+    end-of-turn marker is read to close the turn. ``read_ids`` receives every id the reply adds to
+    the state; ``on_token(id)`` is called for each sampled id."""
+    end_id = engine.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return GenerateJob(
+        params, engine.stop_ids, prompt_ids, stream=stream, close_id=end_id, read_ids=read_ids, on_token=on_token
+    )
+
+
 def generate_reply(
     engine: Engine,
     state: StreamingAttention,
@@ -147,7 +164,7 @@ def generate_reply(
     read_ids: list[int],
     on_token: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
-    """Read ``prompt_ids``, generate, yield text pieces.
+    """Read ``prompt_ids``, generate, yield text pieces (:func:`reply_job` driven on this thread).
 
     ``read_ids`` receives every id the reply added to the state, in order: the generated tokens and
     the token that closed the turn (the model's own stop token, or the end-of-turn marker read
@@ -156,38 +173,7 @@ def generate_reply(
     read, without a closing token. ``on_token(id)`` is called for each sampled id. Sets
     ``state.finish_reason`` ("stop" or "length").
     """
-    end_id = engine.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    logits = engine.prefill(state, prompt_ids)
-    generator = params.generator()
-    history = list(prompt_ids)
-    state.finish_reason = None
-    for _ in range(params.max_tokens):
-        token = sample(logits, params, history, generator)
-        if on_token is not None:
-            on_token(token)
-        logits = _read_one(engine, state, token)
-        read_ids.append(token)
-        if token in engine.stop_ids:
-            state.finish_reason = "stop"
-            break
-        history.append(token)
-        piece = stream.push(token)
-        if piece:
-            yield piece
-        if stream.stopped:
-            state.finish_reason = "stop"
-            _read_one(engine, state, end_id)
-            read_ids.append(end_id)
-            break
-    else:
-        state.finish_reason = "length"
-        _read_one(engine, state, end_id)
-        read_ids.append(end_id)
-    tail = stream.finish()
-    if tail:
-        yield tail
-
-
-@torch.inference_mode()
-def _read_one(engine: Engine, state: StreamingAttention, token: int) -> torch.Tensor:
-    return state.forward(engine.model, torch.tensor([[token]]), last_only=True)[0, -1]
+    job = reply_job(engine, prompt_ids, params, stream, read_ids, on_token)
+    for event in run_job(engine, state, job, prompt_ids):
+        if isinstance(event, Text):
+            yield event.text

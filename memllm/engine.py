@@ -15,8 +15,10 @@ import torch
 from memllm.attention import StreamingAttention
 from memllm.loading import LoadedModel
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView, WritableMemorySource
-from memllm.sampling import SamplingParams, sample
+from memllm.sampling import SamplingParams
+from memllm.serving.jobs import GenerateJob, Token, run_job
 from memllm.settings import MemorySettings
+from memllm.textstream import TextStream
 
 ProgressFn = Callable[[int], None]
 
@@ -71,22 +73,29 @@ class Engine:
         )
 
     # ------------------------------------------------------------------------------- reading
-    @torch.inference_mode()
     def prefill(
         self, state: StreamingAttention, ids: Sequence[int], progress: ProgressFn | None = None
     ) -> torch.Tensor:
         """Read ``ids`` into the state in chunks; returns the logits (V,) after the last token."""
+        last = None
+        for n, logits in self.prefill_steps(state, ids):
+            last = logits
+            if progress is not None:
+                progress(n)
+        assert last is not None
+        return last
+
+    @torch.inference_mode()
+    def prefill_steps(self, state: StreamingAttention, ids: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Read ``ids`` one chunk (``prefill_chunk``) per step: yields (tokens read, logits (V,) after
+        the last of them). The state is consistent between steps, so a caller may do other model
+        work (other streams) between them; the last step's logits are the prompt's."""
         if not ids:
             raise ValueError("nothing to read: the prompt is empty")
         chunk = self.prefill_chunk(state)
-        logits = None
         for start in range(0, len(ids), chunk):
             piece = torch.tensor([list(ids[start : start + chunk])], dtype=torch.long)
-            logits = state.forward(self.model, piece, last_only=True)
-            if progress is not None:
-                progress(piece.shape[1])
-        assert logits is not None
-        return logits[0, -1]
+            yield piece.shape[1], state.forward(self.model, piece, last_only=True)[0, -1]
 
     @staticmethod
     def prefill_chunk(state: StreamingAttention) -> int:
@@ -109,7 +118,6 @@ class Engine:
         return torch.cat(out)
 
     # ---------------------------------------------------------------------------- generation
-    @torch.inference_mode()
     def generate(
         self,
         state: StreamingAttention,
@@ -121,23 +129,22 @@ class Engine:
 
         Reads ``prompt_ids`` first (unless ``logits`` after an already-read prompt are given).
         The last generated token is read back into the state, so the state ends holding the
-        whole exchange and a conversation can continue from it.
+        whole exchange and a conversation can continue from it. Sets ``state.finish_reason``
+        ("stop" | "length"); it stays None if the consumer stops early (the last token is unread).
+        The logic is :meth:`generation_job`'s, driven on this thread by ``run_job``.
         """
-        if logits is None:
-            logits = self.prefill(state, prompt_ids)
-        generator = params.generator()
-        history = list(prompt_ids)
-        state.finish_reason = None  # stays None if the consumer stops early (the last token is unread)
-        for _ in range(params.max_tokens):
-            token = sample(logits, params, history, generator)
-            if token in self.stop_ids:
-                state.forward(self.model, torch.tensor([[token]]), last_only=True)  # close the turn in memory
-                state.finish_reason = "stop"
-                return
-            yield token
-            history.append(token)
-            logits = state.forward(self.model, torch.tensor([[token]]), last_only=True)[0, -1]
-        state.finish_reason = "length"
+        job = self.generation_job(params, prompt_ids)
+        for event in run_job(self, state, job, prompt_ids, logits):
+            if isinstance(event, Token):
+                yield event.id
+
+    def generation_job(
+        self, params: SamplingParams, prompt_ids: Sequence[int] = (), stream: TextStream | None = None
+    ) -> GenerateJob:
+        """The plain generation job (see memllm/serving/jobs.py): sample until one of the model's
+        stop ids (read back, not output) or ``max_tokens``; with ``stream``, also Text events and
+        its stop strings."""
+        return GenerateJob(params, self.stop_ids, prompt_ids, stream=stream)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -65,8 +65,12 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p  # mass before this token already >= p
+    drop[0] = False  # the most likely token always stays (rounding can push its "mass before" above a tiny p)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+GREEDY_BELOW = 1e-4  # temperatures below this sample greedily (dividing by them overflows to inf)
 
 
 def sample(
@@ -77,7 +81,7 @@ def sample(
 ) -> int:
     """logits (V,) float32 -> next token id."""
     logits = apply_repetition_penalty(logits.float(), previous, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
     probs = torch.softmax(logits, dim=-1)

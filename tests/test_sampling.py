@@ -48,3 +48,16 @@ def test_sampled_tokens_stay_inside_top_k():
 def test_bad_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_tiny_temperatures_are_greedy_not_nan():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for t in (1e-300, 1e-30, 1e-6):
+        assert sample(logits, SamplingParams(temperature=t, top_p=1e-300)) == 1
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    torch.manual_seed(0)
+    logits = torch.randn(50_000) * 4
+    for p in (1e-68, 1e-9):
+        assert sample(logits, SamplingParams(temperature=1.0, top_p=p)) == int(torch.argmax(logits))

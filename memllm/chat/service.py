@@ -16,8 +16,11 @@ the stream (``meta["ids"]``), so the rebuilt window holds exactly the tokens the
 A crash loses at most the turn in flight: a turn's rows and blocks commit together or not at all.
 A turn whose consumer stops reading before it ends is not recorded (its live state is dropped).
 
-Work is synchronous inside the async methods (the forward passes run on the event loop thread);
-a server should call them from a worker thread's loop or accept that one turn runs at a time.
+Model work. With a :class:`~memllm.serving.scheduler.Scheduler` (a server), replies are jobs on
+its model thread, decoded in one batch with every other running stream (other sessions, other
+services), and the other forward passes (reading history, rebuilding a window) are its exclusive
+tasks: the event loop never runs the model. Without one (command line, tests), the forward passes
+run synchronously on the caller's thread, one turn at a time.
 """
 
 from __future__ import annotations
@@ -29,19 +32,20 @@ import datetime as dt
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from sqlalchemy import or_, select
 
 from memllm.attention import MemoryTrace, StreamingAttention, block_layout
 from memllm.chat.state import DiscardSink, first_local_position, fork_state, shift_positions
-from memllm.conversation import ChatCursor, ChatTemplate, generate_reply
+from memllm.conversation import ChatCursor, ChatTemplate, reply_job
 from memllm.engine import Engine
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView
 from memllm.sampling import SamplingParams
+from memllm.serving.jobs import Text, run_job
 from memllm.textstream import TextStream
 from storage.models import Chunk, Document, Message
 from storage.owners import Owner
@@ -49,7 +53,11 @@ from storage.repositories import MessageRepository, NotFoundError, SessionReposi
 from storage.source import PENDING_BASE, PersistentSource
 from storage.store import MemoryStore
 
+if TYPE_CHECKING:
+    from memllm.serving.scheduler import Scheduler
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EXPORT_FORMAT = "memllm.session/1"
 SESSION_MODES = ("memory", "window")
@@ -164,12 +172,19 @@ class ChatService:
     """Sessions over one engine and one memory store (see module docstring)."""
 
     def __init__(
-        self, engine: Engine | None, store: MemoryStore, *, mode: str | None = None, max_live: int = 4
+        self,
+        engine: Engine | None,
+        store: MemoryStore,
+        *,
+        mode: str | None = None,
+        max_live: int = 4,
+        scheduler: Scheduler | None = None,
     ) -> None:
         """``engine=None`` gives a service for the operations that need no model (list, history,
-        export, delete)."""
+        export, delete). ``scheduler``: run the model work through it (see the module docstring)."""
         self.engine = engine
         self.store = store
+        self.scheduler = scheduler
         self.mode = mode or (engine.memory_settings.mode if engine is not None else "memory")
         if self.mode not in SESSION_MODES:
             raise ChatError(f"chat sessions need attention mode {' or '.join(SESSION_MODES)}, not {self.mode!r}")
@@ -322,7 +337,7 @@ class ChatService:
                     ids = self.engine.encode(live.cursor.owed + self.template.delta(live.cursor.context(), msg))
                     await self._refresh(live)
                     first_local = first_local_position(live.state)
-                    self.engine.prefill(live.state, ids)
+                    await self._model(self.engine.prefill, live.state, ids)
                     rows = await self._commit(live, [(msg, ids, "", m.get("created_at"))], first_local)
                     ids_out.extend(rows)
                     if progress is not None:
@@ -356,6 +371,12 @@ class ChatService:
         return turn.result
 
     # ------------------------------------------------------------------------------ internals
+    async def _model(self, fn: Callable[..., T], *args: Any) -> T:
+        """Model work: an exclusive task of the scheduler, or a plain call without one."""
+        if self.scheduler is not None:
+            return await self.scheduler.run(fn, *args)
+        return fn(*args)
+
     async def _get_live(self, session_id: int) -> _Live:
         live = self._live.get(session_id)
         if live is not None:
@@ -423,24 +444,38 @@ class ChatService:
             n_tokens=n,
         )
         if head or tail:
-            discard = DiscardSink(self.layout)
-            state.sink = discard if source is not None else None
-            # the last forward of the lost state read at most `chunk` tokens after evicting down to
-            # `window`: read the tail the same way so nothing leaves the rebuilt window
-            ids = head + tail
-            split = max(len(head), len(ids) - self.memory.chunk)
-            for part in (ids[:split], ids[split:]):
-                if part:
-                    self.engine.prefill(state, part)
-            state.sink = source
-            if discard.discarded:
-                log.warning("session %d: %d blocks left the window while rebuilding it", session_id, discard.discarded)
-            shift_positions(state, local_start - n_sinks)
+            await self._model(self._reread, state, source, head, tail, local_start - n_sinks, session_id)
         if state.n_tokens != n:
             raise RuntimeError(f"session {session_id}: rebuilt {state.n_tokens} tokens of a {n}-token stream")
         spans = [(r.token_start, r.token_end, r.id) for r in rows if r.token_end > local_start]
         log.info("session %d: rebuilt the live window (%d + %d tokens of %d)", session_id, len(head), len(tail), n)
         return _Live(session_id, state, source, kb_sources, cursor, spans)
+
+    def _reread(
+        self,
+        state: StreamingAttention,
+        source: PersistentSource | None,
+        head: list[int],
+        tail: list[int],
+        skipped: int,
+        session_id: int,
+    ) -> None:
+        """Read a session's sinks (``head``) and window (``tail``) into a fresh state, with a sink
+        that discards (those tokens' blocks are persisted), then skip the ``skipped`` positions
+        between them (model work)."""
+        discard = DiscardSink(self.layout)
+        state.sink = discard if source is not None else None
+        # the last forward of the lost state read at most `chunk` tokens after evicting down to
+        # `window`: read the tail the same way so nothing leaves the rebuilt window
+        ids = head + tail
+        split = max(len(head), len(ids) - self.memory.chunk)
+        for part in (ids[:split], ids[split:]):
+            if part:
+                self.engine.prefill(state, part)
+        state.sink = source
+        if discard.discarded:
+            log.warning("session %d: %d blocks left the window while rebuilding it", session_id, discard.discarded)
+        shift_positions(state, skipped)
 
     async def _commit(
         self,
@@ -527,8 +562,16 @@ class Turn:
                     if not ttft:
                         ttft.append(time.perf_counter() - t0)
 
-                for piece in generate_reply(engine, state, ids, self.params, stream, read_ids, on_token):
-                    yield piece
+                job = reply_job(engine, ids, self.params, stream, read_ids, on_token)
+                if svc.scheduler is None:
+                    for event in run_job(engine, state, job, ids):
+                        if isinstance(event, Text):
+                            yield event.text
+                else:
+                    async with svc.scheduler.submit(job, state, ids) as handle:  # leaving cancels the job
+                        async for event in handle:
+                            if isinstance(event, Text):
+                                yield event.text
                 reply = {"role": "assistant", "content": stream.text}
                 context = ChatTemplate.context(live.cursor.first or user, user, live.cursor.count + 1)
                 owed = svc.template.owed_after_reply(context, reply)

@@ -11,8 +11,11 @@ Transactions (the service owns them):
 * Deleting a document removes its rows, blocks and vectors in one write; the chunk search index
   checks the database before every search, so deleted content is never returned or cited.
 
-Model work is synchronous and runs in a worker thread under one lock (the model reads one stream
-at a time); database work is async. See memllm/knowledge/README.md for the query modes.
+Model work: with a :class:`~memllm.serving.scheduler.Scheduler` (a server), answers are jobs on
+its model thread, decoded in one batch with every other running stream, and ingestion is one of its
+exclusive tasks that lets the running streams advance between prefill chunks. Without one, model
+work is synchronous and runs in a worker thread under one lock (the model reads one stream at a
+time). Database work is async. See memllm/knowledge/README.md for the query modes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, select
@@ -48,10 +51,15 @@ from memllm.knowledge.parsing import (
 from memllm.knowledge.sources import FilteredSource
 from memllm.memory.source import split_view_id
 from memllm.sampling import SamplingParams
+from memllm.serving.jobs import GenerateJob, Text, run_job
+from memllm.textstream import TextStream
 from storage import MemoryStore, NotFoundError, Owner
 from storage.models import Document, KnowledgeBase, MemoryBlockRow
 from storage.repositories import ChunkRepository, DocumentRepository, KnowledgeBaseRepository
 from storage.store import LayoutMismatchError
+
+if TYPE_CHECKING:
+    from memllm.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +295,12 @@ class KnowledgeService:
         overlap_tokens: int = 32,
         max_bytes: int = MAX_BYTES,
         model_name: str | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
+        """``scheduler``: run the model work through it (see the module docstring)."""
         self.store = store
         self.engine = engine
+        self.scheduler = scheduler
         self.embedder = embedder or Embedder()
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
@@ -316,30 +327,81 @@ class KnowledgeService:
         return self.engine
 
     async def _run_model(self, fn: Callable, *args: Any) -> Any:
+        """Model work, alone: a scheduler task, or under the model lock in a worker thread."""
+        if self.scheduler is not None:
+            return await self.scheduler.run(fn, *args)
+
         def locked():
             with self._model_lock:
                 return fn(*args)
 
         return await asyncio.to_thread(locked)
 
+    def _between_chunks(self, progress: Callable[[int], None]) -> Callable[[int], None]:
+        """A prefill progress callback that also lets the scheduler's running streams advance."""
+        if self.scheduler is None:
+            return progress
+        scheduler = self.scheduler
+
+        def step(n: int) -> None:
+            progress(n)
+            scheduler.checkpoint()
+
+        return step
+
+    async def _generate(
+        self, state, ids: Sequence[int], params: SamplingParams, stream: TextStream | None = None, on_text=None
+    ) -> GenerateJob:
+        """Read ``ids`` into ``state`` and generate (the engine's plain job): batched with the other
+        streams on the scheduler, or alone in the worker thread. ``on_text(piece)`` receives the
+        text of ``stream`` as it comes. Returns the finished job."""
+        engine = self._need_engine()
+        job = engine.generation_job(params, ids, stream)
+
+        def deliver(event) -> None:
+            if on_text is not None and isinstance(event, Text):
+                on_text(event.text)
+
+        if self.scheduler is None:
+
+            def work() -> None:
+                for event in run_job(engine, state, job, ids):
+                    deliver(event)
+
+            await self._run_model(work)
+        else:
+            async with self.scheduler.submit(job, state, ids) as handle:  # leaving early cancels the job
+                async for event in handle:
+                    deliver(event)
+        return job
+
     # ------------------------------------------------------------------------- knowledge bases
-    async def create_kb(self, name: str, description: str = "", *, exist_ok: bool = False) -> KnowledgeBase:
+    async def create_kb(
+        self, name: str, description: str = "", *, exist_ok: bool = False, tenant_id: int | None = None
+    ) -> KnowledgeBase:
+        """A new knowledge base; names are unique per tenant (``tenant_id`` None: the local tenant)."""
         name = name.strip()
         if not name:
             raise KnowledgeError("a knowledge base needs a name")
         async with self.store.sessions() as s:
             repo = KnowledgeBaseRepository(s)
-            existing = await repo.get_by_name(name)
+            existing = await repo.get_by_name(name, tenant_id)
             if existing is not None:
                 if exist_ok:
                     return existing
                 raise KnowledgeError(f"knowledge base {name!r} already exists")
-            kb = await repo.create(name, description=description)
+            kb = await repo.create(name, tenant_id=tenant_id, description=description)
             await s.commit()
             return kb
 
     async def get_kb(self, name_or_id: str | int) -> KnowledgeBase:
+        """By id (an int) or by name, then id (a string, as typed on the command line)."""
         async with self.store.sessions() as s:
+            if isinstance(name_or_id, int):
+                kb = await s.get(KnowledgeBase, name_or_id)
+                if kb is None:
+                    raise NotFoundError(f"knowledge base {name_or_id} not found")
+                return kb
             repo = KnowledgeBaseRepository(s)
             kb = await repo.get_by_name(str(name_or_id))
             if kb is None and str(name_or_id).isdigit():
@@ -348,9 +410,12 @@ class KnowledgeService:
                 raise NotFoundError(f"knowledge base {name_or_id!r} not found")
             return kb
 
-    async def list_kbs(self) -> list[KBInfo]:
+    async def list_kbs(self, tenant_id: int | None = None, kb_ids: Sequence[int] | None = None) -> list[KBInfo]:
+        """The tenant's knowledge bases (``tenant_id`` None: the local tenant), or only ``kb_ids``."""
         async with self.store.sessions() as s:
-            kbs = await KnowledgeBaseRepository(s).list()
+            kbs = await KnowledgeBaseRepository(s).list(tenant_id)
+            if kb_ids is not None:
+                kbs = [kb for kb in kbs if kb.id in set(kb_ids)]
             out = []
             for kb in kbs:
                 docs = (
@@ -463,7 +528,7 @@ class KnowledgeService:
             result.document_id = pending_id
 
             async def set_status(status: str, error: str | None = None) -> None:
-                emit("status", {"source": source_name, "status": status, "error": error})
+                emit("status", {"source": source_name, "status": status, "error": error, "document_id": pending_id})
                 if pending_id is not None:
                     async with self.store.sessions() as s:
                         await DocumentRepository(s).set_status(pending_id, status, error)
@@ -479,7 +544,11 @@ class KnowledgeService:
             await set_status("encoding")
             emit("start", {"source": source_name, "tokens": len(ids)})
             blocks = await self._run_model(
-                encode_document, engine, ids, lambda n: emit("tokens", {"source": source_name, "n": n}), should_stop
+                encode_document,
+                engine,
+                ids,
+                self._between_chunks(lambda n: emit("tokens", {"source": source_name, "n": n})),
+                should_stop,
             )
             owner_map = block_chunk_indices(blocks, [(c.token_start, c.token_end) for c in chunks])
             fields = dict(
@@ -632,6 +701,10 @@ class KnowledgeService:
         return [citation_of(index.refs[r.index], r.score, query) for r in ranked]
 
     # --------------------------------------------------------------------------------- memory
+    async def memory_source(self, kb_id: int):
+        """The knowledge base's memory blocks as a source for attention (None before any is stored)."""
+        return await self._memory_source(kb_id)
+
     async def _memory_source(self, kb_id: int):
         try:
             src = await self.store.open_source(Owner.kb(kb_id))
@@ -812,41 +885,23 @@ class KnowledgeService:
         ids = engine.chat_ids(messages)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
 
-        def work():
+        def new_state():
             if mode == "rag":
-                state, pos = engine.new_state(mode="window"), 1
-            else:
-                restrict_to = restrict if documents is None or restrict != "none" else "documents"
-                pool = (
-                    candidates
-                    if restrict_to == "candidates"
-                    else (
-                        candidates if documents is None else [r for r in index.refs if r.document_id in set(documents)]
-                    )
-                )
-                allowed = self._allowed_blocks(src, index, pool, restrict_to)
-                state, pos = self._memory_state(src, allowed)
-            from memllm.textstream import TextStream
+                return engine.new_state(mode="window"), 1
+            restrict_to = restrict if documents is None or restrict != "none" else "documents"
+            pool = (
+                candidates
+                if restrict_to == "candidates"
+                else (candidates if documents is None else [r for r in index.refs if r.document_id in set(documents)])
+            )
+            allowed = self._allowed_blocks(src, index, pool, restrict_to)
+            return self._memory_state(src, allowed)
 
-            stream = TextStream(engine.tokenizer, ())
-            out_tokens = []
-            pieces = []
-            for tok in engine.generate(state, ids, params):
-                out_tokens.append(tok)
-                piece = stream.push(tok)
-                if piece:
-                    pieces.append(piece)
-                    if on_text is not None:
-                        on_text(piece)
-            tail = stream.finish()
-            if tail:
-                pieces.append(tail)
-                if on_text is not None:
-                    on_text(tail)
-            trace = self._trace_entries(state, src, index, pos, trace_blocks) if src is not None else []
-            return "".join(pieces).strip(), len(out_tokens), state.finish_reason, trace
-
-        text, n_out, finish, trace = await self._run_model(work)
+        state, pos = await asyncio.to_thread(new_state)
+        stream = TextStream(engine.tokenizer, ())
+        job = await self._generate(state, ids, params, stream, on_text)
+        trace = self._trace_entries(state, src, index, pos, trace_blocks) if src is not None else []
+        text, n_out, finish = stream.text.strip(), len(job.generated), job.finish_reason
         if mode == "memory":
             citations = _citations_from_trace(trace, index)
         else:
@@ -915,14 +970,10 @@ class KnowledgeService:
 
     async def _generate_with_memory(self, engine, src, index, allowed, content, params, n_trace):
         ids = engine.chat_ids([{"role": "user", "content": content}])
-
-        def work():
-            state, pos = self._memory_state(src, allowed) if src is not None else (engine.new_state(mode="window"), 1)
-            toks = list(engine.generate(state, ids, params))
-            trace = self._trace_entries(state, src, index, pos, n_trace) if (src is not None and n_trace) else []
-            return engine.tokenizer.decode(toks, skip_special_tokens=True).strip(), trace
-
-        return await self._run_model(work)
+        state, pos = self._memory_state(src, allowed) if src is not None else (engine.new_state(mode="window"), 1)
+        job = await self._generate(state, ids, params)
+        trace = self._trace_entries(state, src, index, pos, n_trace) if (src is not None and n_trace) else []
+        return engine.tokenizer.decode(job.generated, skip_special_tokens=True).strip(), trace
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# Observers of search latency (seconds), e.g. the server's Prometheus histogram; a server adds its
+# own on start and removes it on stop (the list is mutated, never rebound).
+SEARCH_OBSERVERS: list[Callable[[float], None]] = []
 
 
 @functools.cache
@@ -102,7 +108,10 @@ class BlockIndex:
             return out_scores, out_ids
         fetch = min(self.ntotal, k * 8)
         index = self._ivf if self._ivf is not None else self._flat
+        t0 = time.perf_counter()
         scores, ids = index.search(queries, fetch)
+        for observe in SEARCH_OBSERVERS:
+            observe(time.perf_counter() - t0)
         for row in range(n):
             best: dict[int, float] = {}
             for s, i in zip(scores[row], ids[row], strict=True):

@@ -1,0 +1,58 @@
+"""Server settings, read once from ``MEMLLM_API_*`` environment variables (see memllm/settings.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from memllm.settings import _fields_from_env
+
+ENV_PREFIX = "MEMLLM_API_"
+AUTH_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth: str = "auto"  # auto: off when bound to loopback, required otherwise | on | off (loopback only)
+    max_upload_bytes: int = 20 * 1024 * 1024  # per document upload
+    max_prompt_tokens: int = 131_072  # memory mode reads any length; this bounds one request's work
+    max_output_tokens: int = 2048  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256  # when a request gives none
+    request_timeout_s: float = 600.0  # a generation running longer is stopped (finish_reason "length")
+    rate_limit_per_minute: int = 600  # requests per key (or per client address without auth); 0: no limit
+    max_batch: int = 16  # streams decoded together by the scheduler
+    demo_kb: bool = True  # create the "demo" knowledge base from the bundled sample document at start
+    migrate: bool = True  # bring the database to the code's schema at start (off: refuse an old one)
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"{ENV_PREFIX}AUTH={self.auth!r}: choose one of {', '.join(AUTH_MODES)}")
+        if self.auth == "off" and not is_loopback(self.host):
+            raise ValueError(f"authentication can be off only on a loopback address, not on {self.host!r}")
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and not is_loopback(self.host))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> ApiSettings:
+        env = os.environ if environ is None else environ
+        values = _fields_from_env(cls, env, ENV_PREFIX)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: object) -> ApiSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
