@@ -55,3 +55,25 @@ def grouped_attention_with_lse(
     if return_key_mass:  # sum over queries of normalised probabilities: a (1, G*Tq) x (G*Tq, Tk) product
         key_mass = torch.matmul(inv.view(b, hkv, 1, g * tq), weights.view(b, hkv, g * tq, tk)).squeeze(2)
     return out, lse.reshape(b, hq, tq), key_mass
+
+
+def decode_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_key_mass: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`grouped_attention_with_lse` for one query token that sees every key (decode).
+
+    q (B, Hq, 1, D); k, v (B, Hkv, Tk, D) with Tk >= 1 -> (out (B, Hq, 1, D) in q's dtype, lse
+    (B, Hq, 1) float32, key_mass (B, Hkv, Tk) float32 or None). The same math in about a third of
+    the operations: with one query and at least one key there is no mask and no empty row, and the
+    probabilities are normalised through the log-sum-exp directly. A decode step calls this once
+    per layer and stream, so its fixed cost, not its arithmetic, is what matters.
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    scores = torch.matmul(q.view(b, hkv, g, d), k.transpose(-1, -2)).float().mul_(scale)  # (B, Hkv, G, Tk)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, Hkv, G, 1)
+    probs = scores.sub_(lse).exp_()
+    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G, D)
+    key_mass = probs.sum(dim=2) if return_key_mass else None
+    return out.view(b, hq, 1, d), lse.view(b, hq, 1), key_mass

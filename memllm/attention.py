@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.grouped import grouped_attention_with_lse
+from kernels.grouped import decode_attention_with_lse, grouped_attention_with_lse
 from kernels.reference import merge_attention
 from memllm.memory.retrieval import (
     choose_representatives,
@@ -307,7 +307,7 @@ class StreamingAttention:
             return merge_attention([(out_l, lse_l), (out_m, lse_m)])
         if layer not in self.memory_layers:
             if t == 1:  # decode: one query row per head, grouped matmul beats SDPA's kernel on CPU
-                return grouped_attention_with_lse(q_rot, keys, values, None, self._scale)[0]
+                return decode_attention_with_lse(q_rot, keys, values, self._scale)[0]
             if start == 0:  # first chunk: plain causal, SDPA's fastest path
                 return F.scaled_dot_product_attention(
                     q_rot, keys, values, is_causal=True, scale=self._scale, enable_gqa=True
@@ -317,9 +317,12 @@ class StreamingAttention:
                 q_rot, keys, values, attn_mask=causal, scale=self._scale, enable_gqa=True
             )
 
-        out_l, lse_l, mass_l = grouped_attention_with_lse(
-            q_rot, keys, values, None, self._scale, return_key_mass=True, causal=True
-        )
+        if t == 1:
+            out_l, lse_l, mass_l = decode_attention_with_lse(q_rot, keys, values, self._scale, return_key_mass=True)
+        else:
+            out_l, lse_l, mass_l = grouped_attention_with_lse(
+                q_rot, keys, values, None, self._scale, return_key_mass=True, causal=True
+            )
         buf.mass[layer, :, :, :end] += mass_l
         retrieved = self._retrieve(layer, q)
         if retrieved is None:

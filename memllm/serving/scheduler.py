@@ -436,12 +436,18 @@ class Scheduler:
             s.tasks_queued = len(self._tasks)
 
     def _retire_cancelled(self) -> None:
+        """Drop cancelled jobs; the gauges are updated before their consumers are told."""
+        gone = []
         for queue in (self._waiting, self._prefilling):
             for e in [e for e in queue if e.handle.cancelled]:
                 queue.remove(e)
-                self._end(e, "cancelled")
+                gone.append(e)
         for e in [e for e in self._running if e.handle.cancelled]:
             self._running.remove(e)
+            gone.append(e)
+        if gone:
+            self._update_gauges()
+        for e in gone:
             self._end(e, "cancelled")
 
     def _prefill(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.grouped import grouped_attention_with_lse
+from kernels.grouped import decode_attention_with_lse, grouped_attention_with_lse
 from kernels.reference import attention_with_lse
 
 
@@ -39,3 +39,18 @@ def test_grouped_causal_shortcut_is_bottom_right_causal(tq: int) -> None:
     want = attention_with_lse(q, k, v, mask, return_key_mass=True)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tk", [1, 7, 300])
+def test_decode_path_matches_reference(dtype: torch.dtype, tk: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 1, 32, generator=g).to(dtype)
+    k = torch.randn(2, 2, tk, 32, generator=g).to(dtype)
+    v = torch.randn(2, 2, tk, 32, generator=g).to(dtype)
+    got = decode_attention_with_lse(q, k, v, 32**-0.5, return_key_mass=True)
+    want = attention_with_lse(q, k, v, None, return_key_mass=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1], want[1], atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(got[2], want[2], atol=tol * 10, rtol=tol)
