@@ -177,7 +177,7 @@ class PlainGeneration(Generation):
         self.kb_ids = list(kb_ids)
 
     async def pieces(self) -> AsyncIterator[str]:
-        from memllm.serving.jobs import GenerateJob, Text
+        from memllm.serving.jobs import GenerateJob, Text, Token
         from memllm.serving.scheduler import Done
         from memllm.textstream import TextStream
 
@@ -189,6 +189,8 @@ class PlainGeneration(Generation):
             async for event in handle:
                 if isinstance(event, Text):
                     yield event.text
+                elif isinstance(event, Token):  # counted as they come: a stream cut short still reports usage
+                    self.outcome.completion_tokens += 1
                 elif isinstance(event, Done):
                     self.outcome.finish_reason = event.finish_reason
                     self.outcome.completion_tokens = event.completion_tokens

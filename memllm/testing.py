@@ -58,6 +58,9 @@ def test_data_dir() -> Path:
     return Path(os.environ.get("MEMLLM_TEST_DATA_DIR", REPO_ROOT / ".test-data"))
 
 
+test_data_dir.__test__ = False  # a helper, not a test, wherever a test module imports it
+
+
 @functools.cache
 def real_model(dtype: str = "float32") -> LoadedModel:
     from memllm.loading import load_model

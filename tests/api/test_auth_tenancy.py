@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RATE_LIMIT = 40  # requests per minute per key
 UPLOAD_LIMIT = 100_000  # bytes
+TIMEOUT_S = 3  # a generation running longer ends with finish_reason "length"
 
 
 def create_key(data_dir, tenant: str) -> str:
@@ -36,6 +37,8 @@ def secured(tmp_path_factory):
         "MEMLLM_API_DEFAULT_MAX_TOKENS": "8",
         "MEMLLM_API_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
         "MEMLLM_API_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        "MEMLLM_API_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
+        "MEMLLM_API_MAX_OUTPUT_TOKENS": "2000",
     }
     with ServerProcess(data_dir, env, args=("--auth", "on", "--no-demo")) as srv:
         yield srv, keys
@@ -175,3 +178,15 @@ def test_upload_limit(secured):
         r = c.post(f"/api/kbs/{kb['id']}/documents", **kwargs)
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
     assert c.get(f"/api/kbs/{kb['id']}/documents").json()["data"] == []
+
+
+def test_a_generation_past_the_time_limit_ends_with_length(secured):
+    srv, keys = secured
+    c = client_for(srv.url, keys["alice"])
+    t0 = time.monotonic()
+    body = {"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0}
+    r = c.post("/v1/completions", json=body).json()
+    elapsed = time.monotonic() - t0
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert 0 < r["usage"]["completion_tokens"] < 2000
+    assert elapsed < TIMEOUT_S + 10
