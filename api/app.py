@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, api: ApiSettings | None = None)
         cors_config=CORSConfig(allow_origins=["http://127.0.0.1", "http://localhost"]),
         request_max_body_size=api.max_upload_bytes + 1024 * 1024,
         debug=False,
+        logging_config=None,  # the CLI configures logging (MEMLLM_LOG_LEVEL, -v); Litestar's would set INFO
     )
     app.state.core = core
     app.state.rate_limiter = RateLimiter(api.rate_limit_per_minute)
