@@ -10,7 +10,6 @@ from __future__ import annotations
 from importlib.metadata import version
 
 from litestar import Litestar
-from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -55,7 +54,6 @@ def create_app(settings: Settings | None = None, api: ApiSettings | None = None)
             path="/schema",
             render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
         ),
-        cors_config=CORSConfig(allow_origins=["http://127.0.0.1", "http://localhost"]),
         request_max_body_size=api.max_upload_bytes + 1024 * 1024,
         debug=False,
         logging_config=None,  # the CLI configures logging (MEMLLM_LOG_LEVEL, -v); Litestar's would set INFO
