@@ -93,6 +93,7 @@ class KVBuffer:
         self.val = torch.empty(self.shape, dtype=dtype)
         self.mass = torch.zeros(self.shape[:4], dtype=torch.float32)
         self.length = 0
+        self.version = 0  # bumped whenever slots below ``length`` change (eviction shifts them)
 
     @property
     def capacity(self) -> int:
@@ -111,6 +112,7 @@ class KVBuffer:
     def drop(self, start: int, count: int, rope: Rope) -> None:
         """Remove slots [start, start+count), shift later slots down and re-rotate them."""
         end = self.length
+        self.version += 1
         for name in ("raw", "val", "mass"):
             buf = getattr(self, name)
             buf[:, :, :, start : end - count] = buf[:, :, :, start + count : end].clone()
@@ -291,11 +293,8 @@ class StreamingAttention:
         start = buf.length
         end = start + t
         positions = torch.arange(start, end)
-        cos, sin = self._cos_sin
-        buf.raw[layer, :, :, start:end] = k
-        buf.rot[layer, :, :, start:end] = Rope.rotate(k, cos, sin)
-        buf.val[layer, :, :, start:end] = v
-        q_rot = Rope.rotate(q, cos, sin)
+        q_rot = self.rotate_new(q)
+        self.store(layer, k, self.rotate_new(k), v)
         keys, values = buf.rot[layer, :, :, :end], buf.val[layer, :, :, :end]
 
         if self.token_memory is not None and layer in self.token_memory.layers and len(self.token_memory):
@@ -316,14 +315,39 @@ class StreamingAttention:
             return F.scaled_dot_product_attention(
                 q_rot, keys, values, attn_mask=causal, scale=self._scale, enable_gqa=True
             )
-
         if t == 1:
             out_l, lse_l, mass_l = decode_attention_with_lse(q_rot, keys, values, self._scale, return_key_mass=True)
         else:
             out_l, lse_l, mass_l = grouped_attention_with_lse(
                 q_rot, keys, values, None, self._scale, return_key_mass=True, causal=True
             )
-        buf.mass[layer, :, :, :end] += mass_l
+        return self.finish_layer(layer, q, out_l, lse_l, mass_l)
+
+    # The pieces of ``attend`` that a batched decode (memllm/serving/batch.py) calls per stream.
+    def rotate_new(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, D) at the slots of the tokens being read now, rotated."""
+        cos, sin = self._cos_sin
+        return Rope.rotate(x, cos, sin)
+
+    def store(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the new tokens' keys (pre-RoPE and rotated) and values (B, Hkv, T, D) at their slots."""
+        buf = self.buf
+        start, end = buf.length, buf.length + k.shape[2]
+        buf.raw[layer, :, :, start:end] = k
+        buf.rot[layer, :, :, start:end] = k_rot
+        buf.val[layer, :, :, start:end] = v
+
+    def uses_memory(self, layer: int) -> bool:
+        """Whether ``finish_layer`` must run for this layer (memory mode), or the local output is final."""
+        return layer in self.memory_layers
+
+    def finish_layer(
+        self, layer: int, q: torch.Tensor, out_l: torch.Tensor, lse_l: torch.Tensor, mass_l: torch.Tensor
+    ) -> torch.Tensor:
+        """A memory layer after its local attention (out (B, Hq, T, D), lse (B, Hq, T), key mass
+        (B, Hkv, end)): record the local keys' mass, attend to the retrieved blocks, merge."""
+        end = self.buf.length + self._pending
+        self.buf.mass[layer, :, :, :end] += mass_l
         retrieved = self._retrieve(layer, q)
         if retrieved is None:
             return out_l

@@ -17,6 +17,8 @@ import torch
 
 from memllm.attention import StreamingAttention
 from memllm.model import Transformer
+from memllm.rope import Rope
+from memllm.serving.batch_kv import BatchKV
 
 
 class BatchedAttention:
@@ -26,16 +28,38 @@ class BatchedAttention:
     before the model runs, ``end()`` after). With ``failures`` (a dict), an exception raised by one
     state's ``attend`` is recorded as ``failures[b]`` and that row attends to nothing (zeros) for the
     rest of the forward, so the other rows finish; without it, the exception propagates.
+
+    With ``kv`` (a :class:`~memllm.serving.batch_kv.BatchKV` synced for ``states``, rows ``rows``)
+    and T = 1, the local attention of every stream runs as one batched product per layer (see
+    :meth:`_attend_batched`); each state still stores its own keys and does its own memory part.
     """
 
-    def __init__(self, states: Sequence[StreamingAttention], failures: dict[int, Exception] | None = None) -> None:
+    def __init__(
+        self,
+        states: Sequence[StreamingAttention],
+        failures: dict[int, Exception] | None = None,
+        kv: BatchKV | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         self.states = list(states)
         self.failures = failures
+        self.kv, self.rows = kv, rows
+        if kv is not None:
+            cos, sin = zip(*(s._cos_sin for s in self.states), strict=True)  # each (1, D): the new slot
+            self.cos, self.sin = torch.stack(cos), torch.stack(sin)  # (B, 1, D)
+            self.slots = torch.tensor([s.buf.length for s in self.states])  # (B,) slot of the new token
+            n = kv.n_rows
+            lengths = torch.ones(n, dtype=torch.long)  # rows not in the batch see one (ignored) slot
+            lengths[rows] = self.slots + 1
+            self.width = int(lengths.max())
+            self.visible = torch.arange(self.width).unsqueeze(0) < lengths.unsqueeze(1)  # (R, width)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Hq, T, D), k/v (B, Hkv, T, D) pre-RoPE, row b for ``states[b]`` -> (B, Hq, T, D)."""
         if q.shape[0] != len(self.states):
             raise ValueError(f"batch of {q.shape[0]} rows for {len(self.states)} attention states")
+        if self.kv is not None and q.shape[2] == 1:
+            return self._attend_batched(layer, q, k, v)
         outs = []
         for b, state in enumerate(self.states):
             if self.failures is not None and b in self.failures:
@@ -50,6 +74,57 @@ class BatchedAttention:
                 outs.append(torch.zeros_like(q[b : b + 1]))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    def _attend_batched(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One decode token per stream: the same math as ``StreamingAttention.attend`` (local part
+        by :func:`~kernels.grouped.decode_attention_with_lse`), with the local attention of all
+        streams in one product over the shared rows of ``kv``."""
+        kv, rows = self.kv, self.rows
+        assert kv is not None and rows is not None
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        cos, sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)  # (B, 1, 1, D)
+        q_rot, k_rot = Rope.rotate(q, cos, sin), Rope.rotate(k, cos, sin)
+        for i, state in enumerate(self.states):
+            state.store(layer, k[i : i + 1], k_rot[i : i + 1], v[i : i + 1])
+        kv.keys[layer, rows, :, self.slots] = k_rot[:, :, 0]  # (B, Hkv, D) at (row, slot)
+        kv.values[layer, rows, :, self.slots] = v[:, :, 0]
+        width = self.width
+        q_rows = q_rot.new_zeros((kv.n_rows, hkv, g, d))
+        q_rows[rows] = q_rot.view(b, hkv, g, d)
+        scale = self.states[0]._scale
+        scores = torch.matmul(q_rows, kv.keys[layer, :, :, :width].transpose(-1, -2)).float().mul_(scale)
+        scores.masked_fill_(~self.visible[:, None, None, :], float("-inf"))  # (R, Hkv, G, width)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = scores.sub_(lse).exp_()
+        out = torch.matmul(probs.to(v.dtype), kv.values[layer, :, :, :width])  # (R, Hkv, G, D)
+        out_b = out[rows].view(b, hq, 1, d)
+        lse_b = lse[rows].view(b, hq, 1)
+        mass = None
+        outs = []
+        for i, state in enumerate(self.states):
+            if not state.uses_memory(layer):
+                outs.append(out_b[i : i + 1])
+                continue
+            if mass is None:
+                mass = probs.sum(dim=2)  # (R, Hkv, width): attention each local key drew
+            if self.failures is not None and i in self.failures:
+                outs.append(torch.zeros_like(out_b[i : i + 1]))
+                continue
+            row, end = int(rows[i]), int(self.slots[i]) + 1
+            try:
+                outs.append(
+                    state.finish_layer(
+                        layer, q[i : i + 1], out_b[i : i + 1], lse_b[i : i + 1], mass[row : row + 1, :, :end]
+                    )
+                )
+            except Exception as exc:
+                if self.failures is None:
+                    raise
+                self.failures[i] = exc
+                outs.append(torch.zeros_like(out_b[i : i + 1]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
 
 @torch.inference_mode()
 def decode_step(
@@ -57,6 +132,7 @@ def decode_step(
     states: Sequence[StreamingAttention],
     tokens: torch.Tensor | Sequence[int],
     failures: dict[int, Exception] | None = None,
+    kv: BatchKV | None = None,
 ) -> torch.Tensor:
     """Read one token into each stream: ``tokens[b]`` into ``states[b]``; returns logits (B, V) float32.
 
@@ -69,6 +145,10 @@ def decode_step(
     ``attend`` raises is recorded as ``failures[b] = exception``, does not advance, and gets a row
     of NaN logits; the other streams advance normally. An exception outside the attention states
     (the model itself) always propagates.
+
+    ``kv``: the scheduler's :class:`~memllm.serving.batch_kv.BatchKV`; when given (and there are
+    several streams, none failed to begin, none is in the memorizing mode) the streams' local
+    attention is batched.
     """
     ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1, 1)
     if ids.shape[0] != len(states):
@@ -83,10 +163,25 @@ def decode_step(
             failures[b] = exc
             continue
         began.append(b)
-    logits = model(ids, BatchedAttention(states, failures), last_only=True)[:, -1]  # (B, V)
+    # one stream attends faster on its own (the shared rows cost a few fixed operations per layer)
+    batched = kv is not None and len(states) > 1 and not failures and all(s.token_memory is None for s in states)
+    attention = (
+        BatchedAttention(states, failures, kv, kv.sync(states)) if batched else BatchedAttention(states, failures)
+    )
+    try:
+        logits = model(ids, attention, last_only=True)[:, -1]  # (B, V)
+    except BaseException:
+        if kv is not None:
+            kv.forget(states)
+        raise
     for b in began:
         if failures is None or b not in failures:
             states[b].end()
+    if kv is not None:
+        if batched and not failures:
+            kv.stepped(states)
+        else:
+            kv.forget(states)
     if failures:
         logits[list(failures)] = float("nan")
     return logits

@@ -40,6 +40,7 @@ import torch
 
 from memllm.attention import StreamingAttention
 from memllm.serving.batch import decode_step
+from memllm.serving.batch_kv import BatchKV
 from memllm.serving.jobs import Job, Text, Token
 
 if TYPE_CHECKING:
@@ -275,6 +276,9 @@ class Scheduler:
         self._running: list[_Entry] = []
         self._tasks: deque[_Task] = deque()
         self._in_round = False
+        self._finishing: list[tuple[_Entry, Done | None, BaseException | None]] = []  # ended this round
+        cfg = engine.model.config
+        self._kv = BatchKV(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, engine.model.dtype)  # model thread only
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -427,7 +431,7 @@ class Scheduler:
             self._decode()
         finally:
             self._in_round = False
-            self._update_gauges()
+            self._deliver_finished()
 
     def _update_gauges(self) -> None:
         with self._cond:
@@ -436,7 +440,7 @@ class Scheduler:
             s.tasks_queued = len(self._tasks)
 
     def _retire_cancelled(self) -> None:
-        """Drop cancelled jobs; the gauges are updated before their consumers are told."""
+        """Drop cancelled jobs (their consumers are told at the end of the round)."""
         gone = []
         for queue in (self._waiting, self._prefilling):
             for e in [e for e in queue if e.handle.cancelled]:
@@ -445,8 +449,6 @@ class Scheduler:
         for e in [e for e in self._running if e.handle.cancelled]:
             self._running.remove(e)
             gone.append(e)
-        if gone:
-            self._update_gauges()
         for e in gone:
             self._end(e, "cancelled")
 
@@ -483,7 +485,8 @@ class Scheduler:
         failures: dict[int, Exception] = {}
         t0 = time.perf_counter()
         try:
-            logits = decode_step(self.engine.model, [e.state for e in batch], [e.token for e in batch], failures)
+            states = [e.state for e in batch]
+            logits = decode_step(self.engine.model, states, [e.token for e in batch], failures, self._kv)
         except Exception as exc:  # outside every stream's attention: the whole step failed
             log.exception("decode step over %d streams failed", len(batch))
             self._running = []
@@ -530,13 +533,21 @@ class Scheduler:
         else:
             self._stats.completed += 1
         done = Done(finish_reason, len(e.prompt), e.completion_tokens, e.ttft_s, time.perf_counter() - e.submitted)
-        e.handle._finish(done)
+        self._finishing.append((e, done, None))
 
     def _fail(self, e: _Entry, exc: BaseException) -> None:
         if not isinstance(exc, SchedulerClosed):
             log.warning("job failed: %s: %s", type(exc).__name__, exc)
             self._stats.failed += 1
-        e.handle._finish(None, exc)
+        self._finishing.append((e, None, exc))
+
+    def _deliver_finished(self) -> None:
+        """Tell the consumers of jobs that ended, after the gauges count them out (so a consumer that
+        wakes on its job's end sees stats without it)."""
+        self._update_gauges()
+        finishing, self._finishing = self._finishing, []
+        for e, done, exc in finishing:
+            e.handle._finish(done, exc)
 
     def _callback(self, fn: Callable[..., None] | None, *args: Any) -> None:
         if fn is None:
@@ -557,4 +568,4 @@ class Scheduler:
         self._prefilling.clear()
         self._running = []
         self._tasks.clear()
-        self._update_gauges()
+        self._deliver_finished()
