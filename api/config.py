@@ -34,6 +34,10 @@ class ApiSettings:
         if self.auth == "off" and not is_loopback(self.host):
             raise ValueError(f"authentication can be off only on a loopback address, not on {self.host!r}")
 
+    def output_tokens(self, requested: int | None) -> int:
+        """The tokens a native request may generate: its ``max_tokens`` (or the default), at most the limit."""
+        return min(requested or self.default_max_tokens, self.max_output_tokens)
+
     @property
     def auth_required(self) -> bool:
         return self.auth == "on" or (self.auth == "auto" and not is_loopback(self.host))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +46,34 @@ class StreamingOperation(Operation):
                 properties={"data": Schema(type=OpenAPIType.STRING), "event": Schema(type=OpenAPIType.STRING)},
             )
             ok.content["text/event-stream"] = OpenAPIMediaType(schema=event)
+
+
+def streaming_post(path: str, summary: str) -> Any:
+    """``@post`` for a route that answers JSON, or SSE with ``stream: true`` (200, the shared
+    error responses, both content types documented)."""
+    from litestar import post
+
+    from api.errors import ERROR_RESPONSES
+
+    return post(path, status_code=200, summary=summary, operation_class=StreamingOperation, responses=ERROR_RESPONSES)
+
+
+async def native_answer(gen: Any, stream: bool, fields: Callable[[Any], dict[str, Any]]) -> Any:
+    """A native answer (docs/api-contract.md): ``fields(outcome)`` plus sources, memory trace,
+    usage and finish reason; as JSON, or (``stream``) ``delta`` events then one ``done`` event."""
+    from litestar import Response
+    from litestar.response import Stream
+
+    def result(o: Any) -> dict[str, Any]:
+        common = {"memory_trace": o.memory_trace, "usage": o.usage, "finish_reason": o.finish_reason}
+        return {**fields(o), "sources": o.sources, **common}
+
+    if not stream:
+        return Response(result(await gen.collect()))
+
+    async def frames():
+        async for piece in gen.stream():
+            yield {"type": "delta", "text": piece}
+        yield {"type": "done", **result(gen.outcome)}
+
+    return Stream(stream_events(frames()), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -7,15 +7,14 @@ import json
 from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.response import Stream
 
 from api.auth import Caller
 from api.core import Core, ready_core
 from api.errors import ERROR_RESPONSES, ApiError
-from api.generation import AnswerGeneration, Generation, kb_citation
+from api.generation import AnswerGeneration, kb_citation
 from api.ownership import get_row, owned_kb
 from api.schemas import CreateKB, QueryRequest, SearchRequest
-from api.sse import SSE_HEADERS, StreamingOperation, stream_events
+from api.sse import native_answer, streaming_post
 
 ACCEPTED_WAIT_S = 5.0  # how long an upload waits for its document row before answering 202
 
@@ -137,17 +136,6 @@ async def start_ingestion(core: Core, kb_id: int, name: str, text: str, media_ty
     return row
 
 
-async def sse_generation(gen: Generation, done: Any) -> Stream:
-    """A native stream: ``delta`` events, then ``done`` with the whole result (see docs/api-contract.md)."""
-
-    async def frames():
-        async for piece in gen.stream():
-            yield {"type": "delta", "text": piece}
-        yield {"type": "done", **done(gen.outcome)}
-
-    return Stream(stream_events(frames()), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
 class KnowledgeController(Controller):
     path = "/api/kbs"
     tags = ("knowledge bases",)
@@ -245,34 +233,15 @@ class KnowledgeController(Controller):
         await core.knowledge.delete_document(kb_id, doc_id)
 
     # ------------------------------------------------------------------------ query, search
-    @post(
-        "/{kb_id:int}/query",
-        status_code=200,
-        summary="Answer a question with citations (streamed with stream=true)",
-        operation_class=StreamingOperation,
-        responses=ERROR_RESPONSES,
-    )
+    @streaming_post("/{kb_id:int}/query", "Answer a question with citations (streamed with stream=true)")
     async def query(self, request: Request, caller: Caller, kb_id: int, data: QueryRequest) -> Response:
         core = ready_core(request)
         await owned_kb(core, caller, kb_id)
-        max_tokens = min(data.max_tokens or core.api.default_max_tokens, core.api.max_output_tokens)
+        max_tokens = core.api.output_tokens(data.max_tokens)
         gen = AnswerGeneration(
             core, kb_id, data.question, mode=data.mode, k=data.k, max_tokens=max_tokens, temperature=data.temperature
         )
-
-        def result(o) -> dict[str, Any]:
-            return {
-                "answer": o.text,
-                "mode": data.mode,
-                "sources": o.sources,
-                "memory_trace": o.memory_trace,
-                "usage": o.usage,
-                "finish_reason": o.finish_reason,
-            }
-
-        if data.stream:
-            return await sse_generation(gen, result)
-        return Response(result(await gen.collect()))
+        return await native_answer(gen, data.stream, lambda o: {"answer": o.text, "mode": data.mode})
 
     @post(
         "/{kb_id:int}/search",

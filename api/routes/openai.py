@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from api.errors import ERROR_RESPONSES, ApiError
 from api.generation import Generation, PlainGeneration, TurnGeneration, kb_citation
 from api.ownership import owned_kb_ids, owned_session
 from api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest, SamplingFields
-from api.sse import SSE_HEADERS, StreamingOperation, stream_events
+from api.sse import SSE_HEADERS, stream_events, streaming_post
 from memllm.sampling import SamplingParams
 
 KB_CONTEXT_PASSAGES = 4
@@ -140,6 +141,41 @@ def _choice_extras(gen: Generation) -> dict[str, Any]:
     return {"sources": gen.outcome.sources, "memory_trace": gen.outcome.memory_trace}
 
 
+def _final_choice(gen: Generation, body: dict[str, Any]) -> dict[str, Any]:
+    """The one choice of a finished non-streamed answer: ``body`` (message or text) and the rest."""
+    finish = gen.outcome.finish_reason or "stop"
+    return {"index": 0, **body, "finish_reason": finish, "logprobs": None, **_choice_extras(gen)}
+
+
+def _openai_stream(
+    gen: Generation,
+    head: dict[str, Any],
+    req: SamplingFields,
+    *,
+    opening: dict[str, Any] | None,
+    piece: Callable[[str], dict[str, Any]],
+    closing: dict[str, Any],
+) -> Stream:
+    """OpenAI's SSE: an ``opening`` choice (if any), one choice per text piece, a ``closing`` choice
+    with the finish reason, sources and memory trace, then (``stream_options.include_usage``) a
+    chunk with no choices and the usage."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, **body, "finish_reason": finish, **extra}]}
+
+    async def frames():
+        if opening is not None:
+            yield chunk(opening)
+        async for text in gen.stream():
+            yield chunk(piece(text))
+        yield chunk(closing, gen.outcome.finish_reason or "stop", **_choice_extras(gen))
+        if include_usage:
+            yield {**head, "choices": [], "usage": gen.outcome.usage}
+
+    return Stream(stream_events(frames()), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 class OpenAIController(Controller):
     path = "/v1"
     tags = ("openai",)
@@ -152,13 +188,7 @@ class OpenAIController(Controller):
             "data": [{"id": core.model_name, "object": "model", "created": int(core.started_at), "owned_by": "memllm"}],
         }
 
-    @post(
-        "/chat/completions",
-        status_code=200,
-        summary="Chat completion (OpenAI-compatible; SSE with stream=true)",
-        operation_class=StreamingOperation,
-        responses=ERROR_RESPONSES,
-    )
+    @streaming_post("/chat/completions", "Chat completion (OpenAI-compatible; SSE with stream=true)")
     async def chat_completions(self, request: Request, caller: Caller, data: ChatCompletionRequest) -> Response:
         core = ready_core(request)
         params = sampling_params(core, data, data.max_completion_tokens or data.max_tokens)
@@ -166,37 +196,19 @@ class OpenAIController(Controller):
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": cid, "created": created, "model": core.model_name}
         if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-
-            async def frames():
-                chunk = {**head, "object": "chat.completion.chunk"}
-                delta = {"role": "assistant", "content": ""}
-                yield {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-                async for piece in gen.stream():
-                    yield {**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                last = {"index": 0, "delta": {}, "finish_reason": gen.outcome.finish_reason or "stop"}
-                yield {**chunk, "choices": [{**last, **_choice_extras(gen)}]}
-                if include_usage:
-                    yield {**chunk, "choices": [], "usage": gen.outcome.usage}
-
-            return Stream(stream_events(frames()), media_type="text/event-stream", headers=SSE_HEADERS)
+            return _openai_stream(
+                gen,
+                {**head, "object": "chat.completion.chunk"},
+                data,
+                opening={"delta": {"role": "assistant", "content": ""}},
+                piece=lambda text: {"delta": {"content": text}},
+                closing={"delta": {}},
+            )
         o = await gen.collect()
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": o.text},
-            "finish_reason": o.finish_reason or "stop",
-            "logprobs": None,
-            **_choice_extras(gen),
-        }
+        choice = _final_choice(gen, {"message": {"role": "assistant", "content": o.text}})
         return Response({**head, "object": "chat.completion", "choices": [choice], "usage": o.usage})
 
-    @post(
-        "/completions",
-        status_code=200,
-        summary="Text completion (OpenAI-compatible; SSE with stream=true)",
-        operation_class=StreamingOperation,
-        responses=ERROR_RESPONSES,
-    )
+    @streaming_post("/completions", "Text completion (OpenAI-compatible; SSE with stream=true)")
     async def completions(self, request: Request, caller: Caller, data: CompletionRequest) -> Response:
         core = ready_core(request)
         prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
@@ -222,27 +234,16 @@ class OpenAIController(Controller):
         head = {"id": cid, "object": "text_completion", "created": created, "model": core.model_name}
         echo = prompts[0] if data.echo else ""
         if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-
-            async def frames():
-                if echo:
-                    yield {**head, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]}
-                async for piece in gen.stream():
-                    yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
-                last = {"index": 0, "text": "", "finish_reason": gen.outcome.finish_reason or "stop", "logprobs": None}
-                yield {**head, "choices": [{**last, **_choice_extras(gen)}]}
-                if include_usage:
-                    yield {**head, "choices": [], "usage": gen.outcome.usage}
-
-            return Stream(stream_events(frames()), media_type="text/event-stream", headers=SSE_HEADERS)
+            return _openai_stream(
+                gen,
+                head,
+                data,
+                opening={"text": echo, "logprobs": None} if echo else None,
+                piece=lambda text: {"text": text, "logprobs": None},
+                closing={"text": "", "logprobs": None},
+            )
         o = await gen.collect()
-        choice = {
-            "index": 0,
-            "text": echo + o.text,
-            "finish_reason": o.finish_reason or "stop",
-            "logprobs": None,
-            **_choice_extras(gen),
-        }
+        choice = _final_choice(gen, {"text": echo + o.text})
         return Response({**head, "choices": [choice], "usage": o.usage})
 
     @post(

@@ -13,9 +13,8 @@ from api.core import ready_core
 from api.errors import ERROR_RESPONSES
 from api.generation import TurnGeneration
 from api.ownership import owned_kb_ids, owned_session
-from api.routes.knowledge import sse_generation
 from api.schemas import CreateSession, PostMessage
-from api.sse import StreamingOperation
+from api.sse import native_answer, streaming_post
 from memllm.sampling import SamplingParams
 
 
@@ -92,31 +91,14 @@ class SessionController(Controller):
         page = page[-limit:]
         return {"data": [message_json(m) for m in page], "has_more": has_more}
 
-    @post(
-        "/{session_id:int}/messages",
-        status_code=200,
-        summary="Post a user turn; the reply streams with stream=true",
-        operation_class=StreamingOperation,
-        responses=ERROR_RESPONSES,
-    )
+    @streaming_post("/{session_id:int}/messages", "Post a user turn; the reply streams with stream=true")
     async def post_message(self, request: Request, caller: Caller, session_id: int, data: PostMessage) -> Response:
         core = ready_core(request)
         await owned_session(core, caller, session_id)
-        params = SamplingParams(
-            max_tokens=min(data.max_tokens or core.api.default_max_tokens, core.api.max_output_tokens),
-            temperature=data.temperature,
-        )
+        params = SamplingParams(max_tokens=core.api.output_tokens(data.max_tokens), temperature=data.temperature)
         gen = TurnGeneration(core, session_id, data.content, params)
 
-        def result(o) -> dict[str, Any]:
-            return {
-                "message": {"id": o.message_id, "role": "assistant", "content": o.text},
-                "sources": o.sources,
-                "memory_trace": o.memory_trace,
-                "usage": o.usage,
-                "finish_reason": o.finish_reason,
-            }
+        def message(o) -> dict[str, Any]:
+            return {"message": {"id": o.message_id, "role": "assistant", "content": o.text}}
 
-        if data.stream:
-            return await sse_generation(gen, result)
-        return Response(result(await gen.collect()))
+        return await native_answer(gen, data.stream, message)

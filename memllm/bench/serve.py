@@ -16,7 +16,7 @@ decode time (first text -> last text). Per N:
 
 Without ``--url`` it starts its own ``memllm serve`` on a free loopback port, in a temporary data
 dir whose ``models`` folder links to the configured data dir's (no second model conversion).
-:class:`LocalServer` is that start/stop logic, reusable elsewhere (tests).
+:class:`api.local_server.LocalServer` is that start/stop logic (the API tests use it too).
 """
 
 from __future__ import annotations
@@ -27,22 +27,15 @@ import json
 import math
 import os
 import re
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-START_TIMEOUT_S = 600.0  # a first start may convert the bundled model
+from api.local_server import LocalServer
 
 STORY_OPENINGS = (
     "It was a cold morning in the harbour town when the old fisherman found a sealed bottle on the beach.",
@@ -59,122 +52,6 @@ FILLER = (
     "Farmers watched the sky, merchants counted their stock, and children ran along the river banks "
     "collecting smooth stones and telling each other stories about the mountains beyond the pass. "
 )
-
-
-# ------------------------------------------------------------------------------ a local server
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def health_status(base: str, timeout: float = 5.0) -> int | None:
-    """The status of ``GET {base}/health``, or None when nothing answers."""
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-
-
-def memllm_command() -> list[str]:
-    """The ``memllm`` executable beside this interpreter (a venv), else the one on PATH."""
-    exe = Path(sys.executable).parent / "memllm"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("memllm")
-    return [found] if found else [sys.executable, "-m", "memllm.cli"]
-
-
-class LocalServer:
-    """A ``memllm serve`` process on a free loopback port: ``with LocalServer(...) as s: s.url``.
-
-    ``data_dir``: its data dir (default: a temporary one, removed at stop). ``models_dir``: linked
-    as ``data_dir/models`` so the converted model is shared. ``env``: extra environment (the
-    caller's ``MEMLLM_*`` variables are dropped unless ``inherit_memllm_env``). ``args``: extra
-    ``memllm serve`` arguments (e.g. ``--no-demo``).
-    """
-
-    def __init__(
-        self,
-        data_dir: Path | None = None,
-        *,
-        models_dir: Path | None = None,
-        env: dict[str, str] | None = None,
-        args: tuple[str, ...] = (),
-        inherit_memllm_env: bool = False,
-        start_timeout_s: float = START_TIMEOUT_S,
-    ) -> None:
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        if data_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="memllm-serve-")
-            data_dir = Path(self._tmp.name) / "data"
-        self.data_dir = Path(data_dir)
-        self.models_dir = models_dir
-        self.extra_env = dict(env or {})
-        self.args = tuple(args)
-        self.inherit_memllm_env = inherit_memllm_env
-        self.start_timeout_s = start_timeout_s
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.data_dir / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.models_dir is not None:
-            self.models_dir.mkdir(parents=True, exist_ok=True)
-            link = self.data_dir / "models"
-            if not link.exists() and not link.is_symlink():
-                link.symlink_to(self.models_dir.resolve(), target_is_directory=True)
-
-    def start(self) -> LocalServer:
-        self._prepare()
-        env = {k: v for k, v in os.environ.items() if self.inherit_memllm_env or not k.startswith("MEMLLM_")}
-        env.update({"MEMLLM_DATA_DIR": str(self.data_dir), "PYTHONUNBUFFERED": "1", **self.extra_env})
-        cmd = [*memllm_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                raise RuntimeError(f"the server exited with {code}:\n{self.log()}")
-            if health_status(self.url) == 200:
-                return self
-            if time.monotonic() > deadline:
-                log_text = self.log()
-                self.stop()
-                raise RuntimeError(f"no 200 from {self.url}/health within {self.start_timeout_s:.0f} s:\n{log_text}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self.proc = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def log(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self) -> LocalServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_server(max_batch: int = 16, max_output_tokens: int = 2048) -> LocalServer:
