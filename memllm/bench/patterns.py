@@ -232,6 +232,27 @@ def plot_times(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _resumable_rows(path: Path, header: dict, spec_reprs: dict[str, str]) -> dict[tuple[str, int], dict]:
+    """Rows of an earlier run at ``path`` that this run can keep: same model, dtype and text, and the
+    same spec for the row's pattern. Keyed by (pattern, tokens)."""
+    import json
+
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if any(old.get(k) != v for k, v in header.items()):
+        return {}
+    old_specs = old.get("specs", {})
+    return {
+        (r["pattern"], r["tokens"]): r
+        for r in old.get("rows", [])
+        if r.get("ppl") and old_specs.get(r["pattern"]) == spec_reprs.get(r["pattern"])
+    }
+
+
 def run_patterns(
     text_path: Path | str,
     tokens: int,
@@ -246,8 +267,10 @@ def run_patterns(
     """Perplexity and time of each pattern on the first ``tokens`` tokens of ``text_path``.
 
     lengths: the lengths to run (default: tokens/8, tokens/4, tokens/2, tokens, those >= 512).
-    Prints a table; writes ``patterns.json`` and ``patterns.png`` (attention time vs length) under
-    ``out_dir``; returns the rows. ``loaded`` (a memllm.loading.LoadedModel) skips loading.
+    Prints a table; writes ``patterns.json`` (after every row) and ``patterns.png`` (attention time
+    vs length) under ``out_dir``; returns the rows. Rows already in ``patterns.json`` from an
+    earlier run of the same model, dtype, text and pattern spec are kept, not rerun (resume).
+    ``loaded`` (a memllm.loading.LoadedModel) skips loading.
     """
     from memllm.bench.common import book_text, format_table, machine_info, write_json
 
@@ -268,21 +291,29 @@ def run_patterns(
         raise ValueError(f"{text_path} has {len(ids)} tokens, fewer than the {max(lengths)} asked")
     ids_t = torch.tensor([ids[: max(lengths)]], dtype=torch.long)
     max_pos = loaded.config.max_positions
+    out_dir = Path(out_dir)
+    header = {"bench": "patterns", "model": loaded.name, "dtype": str(loaded.dtype), "text": str(text_path)}
+    spec_reprs = {n: repr(specs[n]) for n in names}
+    done_before = _resumable_rows(out_dir / "patterns.json", header, spec_reprs)
     rows: list[dict] = []
+
+    def save() -> None:
+        write_json(out_dir / "patterns.json", {**header, "machine": machine_info(), "specs": spec_reprs, "rows": rows})
+
     for name in names:
         spec = specs[name]
         for n in lengths:
+            if (name, n) in done_before:
+                rows.append(done_before[(name, n)])
+                print(f"{name} @ {n}: kept from an earlier run of {out_dir / 'patterns.json'}", flush=True)
+                continue
             if spec.trained_range_only and n > max_pos:
                 rows.append({"pattern": name, "tokens": n, "ppl": None, "note": f"> {max_pos} trained positions"})
                 continue
             rows.append(run_pattern(loaded, spec, ids_t[:, :n], backend))
+            save()  # after every row: an interrupted run resumes from here
             print(format_table([rows[-1]]), flush=True)
-    out_dir = Path(out_dir)
-    write_json(
-        out_dir / "patterns.json",
-        {"bench": "patterns", "machine": machine_info(), "model": loaded.name, "dtype": str(loaded.dtype),
-         "text": str(text_path), "specs": {n: repr(specs[n]) for n in names}, "rows": rows},
-    )  # fmt: skip
+    save()
     plot_times(rows, out_dir / "patterns.png")
     done = [r for r in rows if r.get("ppl")]
     print()

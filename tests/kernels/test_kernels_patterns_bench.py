@@ -134,3 +134,37 @@ def test_run_patterns_end_to_end(tiny, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "patterns.json").read_text())
     assert len(saved["rows"]) == len(rows)
     assert (tmp_path / "out" / "patterns.png").stat().st_size > 1000
+
+
+def test_run_patterns_resumes_and_reruns_changed_specs(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, rope = tiny
+    text = tmp_path / "book.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(1000)))
+
+    def tokenizer(s, add_special_tokens=False):
+        return {"input_ids": [int(w[1:]) for w in s.split()]}
+
+    loaded = SimpleNamespace(model=model, rope=rope, tokenizer=tokenizer, config=CFG, name="tiny", dtype=torch.float32)
+    specs = default_specs(window=64, n_global=4, stride=16, summary=4)
+    out = tmp_path / "out"
+    first = run_patterns(
+        text, 256, patterns=["window", "strided"], lengths=[256], out_dir=out, specs=specs, loaded=loaded
+    )
+
+    import memllm.bench.patterns as bench
+
+    ran: list[str] = []
+    real = bench.run_pattern
+    monkeypatch.setattr(
+        bench,
+        "run_pattern",
+        lambda loaded, spec, ids, backend=None: ran.append(spec.name) or real(loaded, spec, ids, backend),
+    )
+    specs["strided"] = PatternSpec("strided", P.strided(32))  # a changed spec is rerun
+    again = run_patterns(
+        text, 256, patterns=["window", "strided"], lengths=[256], out_dir=out, specs=specs, loaded=loaded
+    )
+    assert ran == ["strided"], "the unchanged window row is kept from the first run"
+    assert again[0] == first[0]
+    saved = json.loads((out / "patterns.json").read_text())
+    assert [r["pattern"] for r in saved["rows"]] == ["window", "strided"]
