@@ -24,6 +24,7 @@ Invariants of a payload file (one per owner and generation, ``payload-NNNNNN.bin
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -71,7 +72,7 @@ class RecordGeometry:
 
     @property
     def _kv_bytes(self) -> int:
-        return int(np.prod(self.kv_shape)) * (1 if self.dtype == "int8" else 2)
+        return math.prod(self.kv_shape) * (1 if self.dtype == "int8" else 2)
 
     @property
     def _scale_bytes(self) -> int:
@@ -158,11 +159,11 @@ class RecordView:
         self.geo = read_geometry(buf, offset)
         self._buf = buf
         self._base = offset
+        self._offsets = self.geo.offsets  # computed once: a view is read once per layer
 
     def _arr(self, section: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-        count = int(np.prod(shape))
         return np.frombuffer(
-            self._buf, dtype=dtype, count=count, offset=self._base + self.geo.offsets[section]
+            self._buf, dtype=dtype, count=math.prod(shape), offset=self._base + self._offsets[section]
         ).reshape(shape)
 
     def layer_kv(self, slot: int) -> tuple[np.ndarray, np.ndarray]:

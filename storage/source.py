@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING_BASE = 1 << (SOURCE_SHIFT - 1)  # provisional ids of staged blocks; DB ids stay far below
+VIEW_CACHE_BLOCKS = 16384  # record views kept per source (each a few hundred bytes; the data stays in the map)
 
 
 @dataclass
@@ -103,6 +105,8 @@ class PersistentSource:
         self._blocks: dict[int, BlockEntry] = {}
         self._readers: dict[str, PayloadReader] = {}
         self._verified: set[int] = set()
+        # views of recently read records (a block is read once per memory layer of a search)
+        self._views: OrderedDict[int, RecordView] = OrderedDict()
         self._fingerprint: tuple[int, int, int, str] | None = None
         self._vcount = 0  # representatives of committed blocks (what every layer's index holds)
         self._idsum = 0  # id_set_checksum of committed block ids
@@ -179,11 +183,18 @@ class PersistentSource:
             return [self._blocks.get(int(b)) for b in np.asarray(block_ids).reshape(-1)]
 
     def _record(self, bid: int, entry: BlockEntry) -> RecordView:
+        view = self._views.get(bid)
+        if view is not None:
+            self._views.move_to_end(bid)
+            return view
         reader = self._reader(entry.file)
         verify = self.verify_payloads and bid not in self._verified
         view = reader.record(entry.offset, entry.length, entry.checksum if verify else None)
         if verify:
             self._verified.add(bid)
+        self._views[bid] = view
+        if len(self._views) > VIEW_CACHE_BLOCKS:
+            self._views.popitem(last=False)
         return view
 
     def _reader(self, file: str) -> PayloadReader:
@@ -272,10 +283,12 @@ class PersistentSource:
                 for bid in removed:
                     self._vcount -= self._blocks.pop(bid).n_reps
                     self._verified.discard(bid)
+                    self._views.pop(bid, None)
                 self._idsum = combine(self._idsum, removed=id_set_checksum(np.array(removed, np.int64)))
             for bid, entry in moved:
                 self._blocks[bid] = entry
                 self._verified.discard(bid)
+                self._views.pop(bid, None)
             if added:
                 for bid, entry in added:
                     self._blocks[bid] = entry
@@ -297,6 +310,7 @@ class PersistentSource:
         with self._lock:
             self._blocks = dict(entries)
             self._verified.clear()
+            self._views.clear()
             self._vcount = sum(e.n_reps for e in entries.values())
             self._idsum = id_set_checksum(np.fromiter(entries, np.int64, len(entries)))
 
@@ -313,6 +327,7 @@ class PersistentSource:
             self._pending = []
             self.indexes = IndexManager(self.directory, self.layout, self.indexes.ivf_threshold)
             self._pending_index = self._new_pending_index()
+            self._views.clear()
             for r in self._readers.values():
                 r.close()
             self._readers = {}
