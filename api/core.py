@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -56,14 +57,17 @@ class Core:
         t0 = time.perf_counter()
         if self.metrics is not None:
             SEARCH_OBSERVERS.append(self.metrics.knn_latency.observe)
-        loaded = await asyncio.to_thread(_single_threaded, load_model, self.settings)
+        # Read before any thread sets a count: PyTorch starts each new thread at the count last set
+        # by any thread, so after the loader's set_num_threads(1) this thread would read 1.
+        threads = self.settings.threads or torch.get_num_threads()
+        single = dataclasses.replace(self.settings, threads=0)  # load_model must not raise it again
+        loaded = await asyncio.to_thread(_single_threaded, load_model, single)
         self.engine = Engine(loaded, self.settings.memory, retrieval=self.settings.retrieval)
         self.model_name = loaded.name
         if self.api.migrate:
             await migrate_database(self.settings)
         self.store = await MemoryStore.from_settings(self.settings)
         on_step = self.metrics.observe_step if self.metrics is not None else None
-        threads = self.settings.threads or torch.get_num_threads()
         self.scheduler = Scheduler(self.engine, max_batch=self.api.max_batch, on_step=on_step, threads=threads)
         self.embedder = ModelThreadEmbedder(Embedder(), self.scheduler)
         await asyncio.to_thread(self.embedder.encode_query, "warm up")

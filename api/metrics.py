@@ -53,6 +53,7 @@ class Metrics:
         self.step_seconds = Histogram(
             "memllm_scheduler_step_seconds", "time of one batched decode step", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.model_threads = Gauge("memllm_model_threads", "intra-op threads of the model thread", registry=r)
         self.active_streams = Gauge("memllm_scheduler_active_streams", "streams being generated", registry=r)
         self.jobs = Gauge("memllm_scheduler_jobs", "generation jobs since start, by outcome", ["state"], registry=r)
         self.decode_steps = Gauge("memllm_scheduler_decode_steps", "batched decode steps since start", registry=r)
@@ -85,6 +86,7 @@ class Metrics:
             for state in ("submitted", "completed", "cancelled", "failed"):
                 self.jobs.labels(state=state).set(getattr(stats, state))
             self.decode_steps.set(stats.steps)
+            self.model_threads.set(stats.threads)
         store = getattr(core, "store", None)
         if store is not None:
             self.memory_blocks.clear()

@@ -130,13 +130,18 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def forward(self, tokens: torch.Tensor, attn: AttentionState, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V) float32, or (B, 1, V) with ``last_only``."""
+    def forward(
+        self, tokens: torch.Tensor, attn: AttentionState, last_only: bool = False, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V) float32; (B, 1, V) with ``last_only``; (B, K, V)
+        for the K positions along T listed in ``keep`` (only those go through the output head)."""
         x = self.embed(tokens)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, attn)
         if last_only:
             x = x[:, -1:]
+        elif keep is not None:
+            x = x[:, keep]
         return self.output(self.norm(x)).float()
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

@@ -4,7 +4,7 @@ In process, on the configured model, through the real :class:`~memllm.serving.sc
 for each stream count B, B plain generation jobs (greedy, stop ids ignored so that every stream
 decodes exactly ``max_tokens`` tokens) with different short chat prompts are submitted together.
 Decode throughput counts only the decode steps whose batch held all B streams (timed by the
-scheduler's ``on_step`` around ``decode_step``), so prompt reading and ramp-up do not dilute it:
+scheduler's ``on_step`` around each step's forward), so prompt reading and ramp-up do not dilute it:
 aggregate tok/s = B / the median step time (the median resists other processes' bursts on a shared
 machine); per stream = aggregate / B; speedup = aggregate / the 1-stream aggregate.
 ``e2e_tok_s``: all tokens / wall time from submit to the last Done, prompts included. Decode reads

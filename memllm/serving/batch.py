@@ -2,7 +2,10 @@
 
 The model is stateless (every layer hands its pre-RoPE q/k/v to ``attn.attend``), so B streams
 can share a forward: row b of the batch is stream b, and :class:`BatchedAttention` hands each row
-to that stream's own :class:`~memllm.attention.StreamingAttention`. Streams may be in different
+to that stream's own :class:`~memllm.attention.StreamingAttention`. :func:`packed_step` goes one
+step further: prompt chunks of streams that are still reading and one token of every decoding
+stream, packed along the time axis of a single batch-1 forward (prompt reading and decoding share
+the weight reads; the decoding streams do not stall while a newcomer reads its prompt). Streams may be in different
 modes (full/window/memory), at different lengths, with different memories: each state keeps its
 own positions, evictions and kNN searches. Every other op of the model (embeddings, norms, linear
 layers, the output head) is row-wise, so a stream's logits do not depend on its batch neighbours
@@ -126,7 +129,138 @@ class BatchedAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+class PackedAttention:
+    """Attention for several streams packed along the time axis of one batch-1 forward.
+
+    The T positions are, in order: ``lengths[i]`` tokens of ``prefill[i]`` for every prompt segment,
+    then one token per decoding stream, which go to ``decode`` (a :class:`BatchedAttention`) as a
+    batch of B rows of one token. ``failures`` (dict, prompt segment index -> exception): segments
+    already failed (their states did not begin) and those whose ``attend`` raises; a failed segment
+    attends to nothing (zeros) for the rest of the forward. Without ``failures`` exceptions propagate.
+    """
+
+    def __init__(
+        self,
+        prefill: Sequence[StreamingAttention],
+        lengths: Sequence[int],
+        failures: dict[int, Exception] | None,
+        decode: BatchedAttention | None,
+    ) -> None:
+        self.prefill, self.lengths, self.failures, self.decode = list(prefill), list(lengths), failures, decode
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, Hq, T, D), k/v (1, Hkv, T, D) pre-RoPE -> (1, Hq, T, D)."""
+        outs = []
+        start = 0
+        for i, (state, n) in enumerate(zip(self.prefill, self.lengths, strict=True)):
+            seg = slice(start, start + n)
+            start += n
+            if self.failures is None:
+                outs.append(state.attend(layer, q[:, :, seg], k[:, :, seg], v[:, :, seg]))
+                continue
+            if i not in self.failures:
+                try:
+                    outs.append(state.attend(layer, q[:, :, seg], k[:, :, seg], v[:, :, seg]))
+                    continue
+                except Exception as exc:
+                    self.failures[i] = exc
+            outs.append(torch.zeros_like(q[:, :, seg]))
+        if self.decode is not None:
+
+            def rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, B, D) -> (B, H, 1, D)
+                return x[0, :, start:].transpose(0, 1).unsqueeze(2).contiguous()
+
+            out = self.decode.attend(layer, rows(q), rows(k), rows(v))  # (B, Hq, 1, D)
+            outs.append(out.squeeze(2).transpose(0, 1).unsqueeze(0))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 @torch.inference_mode()
+def packed_step(
+    model: Transformer,
+    prefill: Sequence[tuple[StreamingAttention, Sequence[int]]],
+    states: Sequence[StreamingAttention],
+    tokens: torch.Tensor | Sequence[int],
+    failures: dict[int, Exception] | None = None,
+    kv: BatchKV | None = None,
+    prefill_failures: dict[int, Exception] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward that reads prompt chunks and decodes: returns (P, V) and (B, V) float32 logits.
+
+    ``prefill``: (state, ids) pairs, P of them, distinct states; each state reads its ids as one
+    chunk, exactly as ``state.forward(model, ids, last_only=True)`` would; row i of the first result
+    holds the logits after its last id. ``states``/``tokens``: B decoding streams, each reading one
+    token as in :func:`decode_step` (``failures``, ``kv``: see there); the second result's row b is
+    stream b's. A prompt segment whose ``begin`` or ``attend`` raises is recorded in
+    ``prefill_failures`` (if given; else the exception propagates), does not advance, and gets NaN
+    logits; the other streams go on. An exception outside the attention states propagates (and no
+    state advances).
+    """
+    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    if ids.shape[0] != len(states):
+        raise ValueError(f"{ids.shape[0]} tokens for {len(states)} streams")
+    if not prefill and not states:
+        raise ValueError("nothing to read")
+    pieces = [torch.as_tensor(list(p), dtype=torch.long) for _, p in prefill]
+    if any(p.numel() == 0 for p in pieces):
+        raise ValueError("an empty prompt chunk")
+    for i, (state, _) in enumerate(prefill):
+        try:
+            state.begin(pieces[i].numel())
+        except Exception as exc:
+            if prefill_failures is None:
+                raise
+            prefill_failures[i] = exc
+    began: list[int] = []
+    for b, state in enumerate(states):
+        try:
+            state.begin(1)
+        except Exception as exc:
+            if failures is None:
+                raise
+            failures[b] = exc
+            continue
+        began.append(b)
+    decode = None
+    batched = False
+    if states:
+        # one stream attends faster on its own (the shared rows cost a few fixed operations per layer)
+        batched = kv is not None and len(states) > 1 and not failures and all(s.token_memory is None for s in states)
+        if batched:
+            assert kv is not None
+            decode = BatchedAttention(states, failures, kv, kv.sync(states))
+        else:
+            decode = BatchedAttention(states, failures)
+    lengths = [p.numel() for p in pieces]
+    packed = torch.cat([*pieces, ids]).unsqueeze(0)  # (1, T)
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1 if lengths else torch.empty(0, dtype=torch.long)
+    keep = torch.cat([ends, sum(lengths) + torch.arange(len(states))])
+    attention = PackedAttention([s for s, _ in prefill], lengths, prefill_failures, decode)
+    try:
+        logits = model(packed, attention, keep=keep)[0]  # (P + B, V)
+    except BaseException:
+        if kv is not None:
+            kv.forget(states)
+        raise
+    for i, (state, _) in enumerate(prefill):
+        if not prefill_failures or i not in prefill_failures:
+            state.end()
+    for b in began:
+        if failures is None or b not in failures:
+            states[b].end()
+    if kv is not None:
+        if batched and not failures:
+            kv.stepped(states)
+        else:
+            kv.forget(states)
+    prefill_logits, decode_logits = logits[: len(prefill)], logits[len(prefill) :]
+    if prefill_failures:
+        prefill_logits[list(prefill_failures)] = float("nan")
+    if failures:
+        decode_logits[list(failures)] = float("nan")
+    return prefill_logits, decode_logits
+
+
 def decode_step(
     model: Transformer,
     states: Sequence[StreamingAttention],
@@ -150,38 +284,4 @@ def decode_step(
     several streams, none failed to begin, none is in the memorizing mode) the streams' local
     attention is batched.
     """
-    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1, 1)
-    if ids.shape[0] != len(states):
-        raise ValueError(f"{ids.shape[0]} tokens for {len(states)} streams")
-    began: list[int] = []
-    for b, state in enumerate(states):
-        try:
-            state.begin(1)
-        except Exception as exc:
-            if failures is None:
-                raise
-            failures[b] = exc
-            continue
-        began.append(b)
-    # one stream attends faster on its own (the shared rows cost a few fixed operations per layer)
-    batched = kv is not None and len(states) > 1 and not failures and all(s.token_memory is None for s in states)
-    attention = (
-        BatchedAttention(states, failures, kv, kv.sync(states)) if batched else BatchedAttention(states, failures)
-    )
-    try:
-        logits = model(ids, attention, last_only=True)[:, -1]  # (B, V)
-    except BaseException:
-        if kv is not None:
-            kv.forget(states)
-        raise
-    for b in began:
-        if failures is None or b not in failures:
-            states[b].end()
-    if kv is not None:
-        if batched and not failures:
-            kv.stepped(states)
-        else:
-            kv.forget(states)
-    if failures:
-        logits[list(failures)] = float("nan")
-    return logits
+    return packed_step(model, (), states, tokens, failures, kv)[1]

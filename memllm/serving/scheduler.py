@@ -7,10 +7,11 @@ Its loop, round after round:
 1. takes new work: jobs (``submit``) and exclusive tasks (``run``);
 2. runs at most one task (ingestion, a state rebuild: any callable that uses the model);
 3. retires cancelled jobs; admits queued jobs while fewer than ``max_batch`` are admitted;
-4. prefills admitted jobs, whole chunks (``Engine.prefill_steps``) up to ``prefill_budget``
-   tokens per round, so a long prompt does not freeze the running streams;
-5. one :func:`~memllm.serving.batch.decode_step` over every running stream; each job turns its
-   logits into its next token (``job.next_token``), finished jobs retire.
+4. one forward (:func:`~memllm.serving.batch.packed_step`) that reads the next prompt chunk
+   (``Engine.prefill_chunk`` tokens) of admitted jobs, up to ``prefill_budget`` tokens, together
+   with one token of every running stream: prompt reading shares the weight reads with decoding,
+   and a long prompt does not freeze the running streams; each job turns its logits into its
+   next token (``job.next_token``), finished jobs retire, jobs done reading join the running.
 
 Jobs are :mod:`memllm.serving.jobs` state machines; a job's events (Token, Text, then Done) reach
 its :class:`JobHandle`, an async iterator (or a plain one from a worker thread). A job's errors
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from memllm.attention import StreamingAttention
-from memllm.serving.batch import decode_step
+from memllm.serving.batch import packed_step
 from memllm.serving.batch_kv import BatchKV
 from memllm.serving.jobs import Job, Text, Token
 
@@ -78,6 +79,7 @@ class SchedulerStats:
     running: int = 0  # decoding
     batch_size: int = 0  # streams in the last decode step
     tasks_queued: int = 0
+    threads: int = 0  # the model thread's intra-op threads (0 until it has started)
     submitted: int = 0
     completed: int = 0
     cancelled: int = 0
@@ -215,7 +217,6 @@ class _Entry:
     handle: JobHandle
     logits: torch.Tensor | None  # given at submit: the prompt is already read
     submitted: float
-    steps: Iterator[tuple[int, torch.Tensor]] | None = None  # prefill in progress
     read: int = 0  # prompt tokens read
     token: int | None = None  # the next token to read (running jobs)
     completion_tokens: int = 0
@@ -234,9 +235,10 @@ class Scheduler:
     """Continuous batching over one engine (see the module docstring).
 
     ``max_batch``: most jobs admitted at once (prefilling + decoding); the rest wait in a queue.
-    ``prefill_budget``: prompt tokens read per round while other streams decode (at least one
-    chunk). ``on_first_token(seconds)``: called with each job's time to first token;
-    ``on_step(batch_size, seconds)``: after each decode step. Both run on the model thread and
+    ``prefill_budget``: prompt tokens read per round, in the same forward as the running streams'
+    tokens (at least one chunk). ``on_first_token(seconds)``: called with each job's time to first
+    token; ``on_step(batch_size, seconds)``: after each step that decoded (its seconds include the
+    prompt chunks read in the same forward). Both run on the model thread and
     must be quick (e.g. Prometheus observe calls); their exceptions are logged and ignored.
 
     ``threads``: if given, ``torch.set_num_threads(threads)`` on the model thread when it starts.
@@ -381,6 +383,8 @@ class Scheduler:
         try:
             if self.threads:
                 torch.set_num_threads(self.threads)
+            with self._cond:
+                self._stats.threads = torch.get_num_threads()
             with torch.inference_mode():
                 while True:
                     with self._cond:
@@ -427,8 +431,7 @@ class Scheduler:
             self._retire_cancelled()
             while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
                 self._prefilling.append(self._waiting.popleft())
-            self._prefill()
-            self._decode()
+            self._step()
         finally:
             self._in_round = False
             self._deliver_finished()
@@ -452,54 +455,76 @@ class Scheduler:
         for e in gone:
             self._end(e, "cancelled")
 
-    def _prefill(self) -> None:
-        budget = self.prefill_budget
-        while self._prefilling and budget > 0:
-            e = self._prefilling[0]
-            try:
-                if e.logits is None:
-                    if e.steps is None:
-                        e.steps = self.engine.prefill_steps(e.state, e.prompt)
-                    n, logits = next(e.steps)
-                    e.read += n
-                    budget -= n
-                    self._stats.prefill_tokens += n
-                    if e.read < len(e.prompt):
-                        continue
-                    e.logits = logits
-            except Exception as exc:
-                self._prefilling.popleft()
-                self._fail(e, exc)
-                continue
-            self._prefilling.popleft()
-            e.steps = None
+    def _chunks(self) -> list[tuple[_Entry, list[int]]]:
+        """The prompt chunks to read this round: the next chunk of each admitted job, in order, up to
+        ``prefill_budget`` tokens (at least one chunk). Jobs whose prompt was read before submit
+        (given logits) join the running streams here."""
+        for e in [e for e in self._prefilling if e.logits is not None]:
+            self._prefilling.remove(e)
             logits, e.logits = e.logits, None
             if self._advance(e, logits):
                 self._running.append(e)
+        for e in [e for e in self._prefilling if not e.prompt]:
+            self._prefilling.remove(e)
+            self._fail(e, ValueError("nothing to read: the prompt is empty"))
+        chunks: list[tuple[_Entry, list[int]]] = []
+        budget = self.prefill_budget
+        for e in self._prefilling:
+            if budget <= 0:
+                break
+            ids = e.prompt[e.read : e.read + self.engine.prefill_chunk(e.state)]
+            chunks.append((e, ids))
+            budget -= len(ids)
+        return chunks
 
-    def _decode(self) -> None:
+    def _step(self) -> None:
+        """One packed forward: prompt chunks of admitted jobs and a token of every running stream."""
+        chunks = self._chunks()
         batch = self._running
         self._stats.batch_size = len(batch)
-        if not batch:
+        if not chunks and not batch:
             return
         failures: dict[int, Exception] = {}
+        chunk_failures: dict[int, Exception] = {}
         t0 = time.perf_counter()
         try:
-            states = [e.state for e in batch]
-            logits = decode_step(self.engine.model, states, [e.token for e in batch], failures, self._kv)
+            chunk_logits, logits = packed_step(
+                self.engine.model,
+                [(e.state, ids) for e, ids in chunks],
+                [e.state for e in batch],
+                [e.token for e in batch],
+                failures,
+                self._kv,
+                chunk_failures,
+            )
         except Exception as exc:  # outside every stream's attention: the whole step failed
-            log.exception("decode step over %d streams failed", len(batch))
+            log.exception("a step over %d streams and %d prompt chunks failed", len(batch), len(chunks))
             self._running = []
-            for e in batch:
+            for e, _ in chunks:
+                self._prefilling.remove(e)
+            for e in [*batch, *(e for e, _ in chunks)]:
                 self._fail(e, exc)
             return
-        self._stats.steps += 1
-        self._callback(self.on_step, len(batch), time.perf_counter() - t0)
+        if batch:
+            self._stats.steps += 1
+            self._callback(self.on_step, len(batch), time.perf_counter() - t0)
         still = []
         for i, e in enumerate(batch):
             if i in failures:
                 self._fail(e, failures[i])
             elif self._advance(e, logits[i]):
+                still.append(e)
+        for i, (e, ids) in enumerate(chunks):
+            if i in chunk_failures:
+                self._prefilling.remove(e)
+                self._fail(e, chunk_failures[i])
+                continue
+            e.read += len(ids)
+            self._stats.prefill_tokens += len(ids)
+            if e.read < len(e.prompt):
+                continue
+            self._prefilling.remove(e)
+            if self._advance(e, chunk_logits[i]):
                 still.append(e)
         self._running = still
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -192,6 +194,15 @@ def _metric(c: httpx.Client, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_the_model_thread_gets_every_thread_torch_would_use(c):
+    """torch's default intra-op threads in a fresh process (MEMLLM_THREADS is not set for this
+    server). A regression test: the count was once read after the loader's worker thread had set
+    it to 1, and PyTorch starts a new thread at the last count set anywhere."""
+    code = "import torch; print(torch.get_num_threads())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert _metric(c, "memllm_model_threads") == int(fresh.stdout)
 
 
 def test_client_disconnect_cancels_the_generation(c, server):

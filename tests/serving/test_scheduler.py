@@ -169,6 +169,41 @@ async def test_a_long_task_lets_running_streams_advance_at_checkpoints(engine):
         await sched.close()
 
 
+async def test_a_newcomer_reads_its_prompt_in_the_running_streams_forwards(engine):
+    """While a 160-token prompt is read (ten 16-token chunks, one per round with this budget), the
+    running stream decodes a token in each of those forwards: ten forwards, not twenty."""
+    sched = Scheduler(engine, prefill_budget=16)
+    forwards = 0
+    real_forward = engine.model.forward
+
+    def counting_forward(*args, **kwargs):
+        nonlocal forwards
+        forwards += 1
+        return real_forward(*args, **kwargs)
+
+    try:
+        running = sched.submit(
+            GenerateJob(SamplingParams(max_tokens=400), ()), engine.new_state("window"), prompt(1, 9)
+        )
+        async for event in running:
+            if isinstance(event, Token):
+                break
+        engine.model.forward = counting_forward
+        before = sched.stats().steps
+        job = GenerateJob(SamplingParams(max_tokens=1), ())
+        newcomer = sched.submit(job, engine.new_state("memory"), prompt(2, 160))
+        tokens, done = await _consume(newcomer)
+        del engine.model.forward
+        assert len(tokens) == 1 and done.finish_reason == "length"
+        decoded = sched.stats().steps - before
+        assert decoded >= 10, "the running stream advanced in every forward that read a chunk"
+        assert forwards <= decoded + 1, (forwards, decoded)
+        await running.aclose()
+    finally:
+        engine.model.__dict__.pop("forward", None)
+        await sched.close()
+
+
 def test_worker_threads_use_it_synchronously(engine):
     sched = Scheduler(engine)
     try:
