@@ -57,6 +57,18 @@ def grouped_attention_with_lse(
     return out, lse.reshape(b, hq, tq), key_mass
 
 
+def few_query_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (..., Tq, D) @ k (..., Tk, D)^T as a contiguous float32 (..., Tq, Tk), for a few queries.
+
+    Computed as (k @ q^T)^T. When k is a slice of a longer key buffer (a decode step's keys), torch's
+    CPU kernels take the left operand in place but gather a transposed slice first: for a decode
+    step's 3 queries per kv head this is 2-4x faster than q @ k^T (bfloat16, 400-2000 keys). With
+    hundreds of queries (prefill) q @ k^T is faster: use it there.
+    """
+    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2)  # (..., Tq, Tk), transposed in memory
+    return torch.empty(scores.shape, dtype=torch.float32).copy_(scores)  # one pass: contiguous float32
+
+
 def decode_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_key_mass: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -71,7 +83,7 @@ def decode_attention_with_lse(
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    scores = torch.matmul(q.view(b, hkv, g, d), k.transpose(-1, -2)).float().mul_(scale)  # (B, Hkv, G, Tk)
+    scores = few_query_scores(q.view(b, hkv, g, d), k).mul_(scale)  # (B, Hkv, G, Tk)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, Hkv, G, 1)
     probs = scores.sub_(lse).exp_()
     out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G, D)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.grouped import few_query_scores
 from memllm.attention import StreamingAttention
 from memllm.model import Transformer
 from memllm.rope import Rope
@@ -96,7 +97,7 @@ class BatchedAttention:
         q_rows = q_rot.new_zeros((kv.n_rows, hkv, g, d))
         q_rows[rows] = q_rot.view(b, hkv, g, d)
         scale = self.states[0]._scale
-        scores = torch.matmul(q_rows, kv.keys[layer, :, :, :width].transpose(-1, -2)).float().mul_(scale)
+        scores = few_query_scores(q_rows, kv.keys[layer, :, :, :width]).mul_(scale)
         scores.masked_fill_(~self.visible[:, None, None, :], float("-inf"))  # (R, Hkv, G, width)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = scores.sub_(lse).exp_()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.grouped import decode_attention_with_lse, grouped_attention_with_lse
+from kernels.grouped import decode_attention_with_lse, few_query_scores, grouped_attention_with_lse
 from kernels.reference import attention_with_lse
 
 
@@ -54,3 +54,16 @@ def test_decode_path_matches_reference(dtype: torch.dtype, tk: int) -> None:
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol)
     torch.testing.assert_close(got[1], want[1], atol=tol * 10, rtol=tol)
     torch.testing.assert_close(got[2], want[2], atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_query_scores_on_a_slice_of_a_key_buffer(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    buffer = torch.randn(4, 3, 50, 16, generator=g).to(dtype)  # (rows, Hkv, slots, D)
+    keys = buffer[:, :, :37]  # the first 37 slots: not contiguous
+    q = torch.randn(4, 3, 2, 16, generator=g).to(dtype)
+    got = few_query_scores(q, keys)
+    want = torch.einsum("rhgd,rhkd->rhgk", q.double(), keys.double())
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (4, 3, 2, 37)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol)
