@@ -65,6 +65,7 @@ class SamplingFields(Struct, kw_only=True):
     user: str | None = None
     memory: MemoryOptions | None = None
     kb_ids: list[int] | None = None
+    ignore_eos: bool = False  # our extension (as in vLLM): decode max_tokens tokens past end-of-text
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

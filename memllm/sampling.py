@@ -21,6 +21,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already present
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens tokens, past the model's end-of-text ids (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

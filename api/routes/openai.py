@@ -45,6 +45,7 @@ def sampling_params(core: Core, req: SamplingFields, max_tokens: int | None) -> 
         repetition_penalty=1.0 + penalty / 2,
         stop=req.stop_strings(),
         seed=req.seed,
+        ignore_eos=req.ignore_eos,
     )
 
 

@@ -3,8 +3,12 @@
 For each client count N (``--clients 1,2,4,8,16``), N clients each send ``--requests`` streamed
 ``POST /v1/completions`` one after the other (``temperature: 0``, ``max_tokens``,
 ``stream_options: {include_usage: true}``), so N streams are in flight at once. The prompts are
-story openings that make the model write on (no ``ignore_eos``: the tokens are counted from each
-stream's final usage chunk). Per request: time to first token (request sent -> first text) and
+story openings that make the model write on; a stream may still end early at the end-of-text
+token (the tokens are counted from each stream's final usage chunk) unless ``--ignore-eos`` asks
+every request to decode exactly ``max_tokens`` (the in-process ``bench batch`` protocol).
+``--repeats R`` runs the whole sweep R times on the same server; each round's speedups are
+against that round's 1-client figure, and the summary is the median over rounds (the 1-client
+baseline is the noisiest figure on a shared machine). Per request: time to first token (request sent -> first text) and
 decode time (first text -> last text). Per N:
 
 - ``agg_decode_tok_s``: decode tokens of all requests (completion tokens minus the first) over
@@ -126,7 +130,9 @@ class PhaseResult:
     metrics_delta: dict[str, float] = field(default_factory=dict)
 
 
-async def stream_completion(client, model: str, prompt: str, max_tokens: int) -> RequestResult:
+async def stream_completion(
+    client, model: str, prompt: str, max_tokens: int, ignore_eos: bool = False
+) -> RequestResult:
     """One streamed ``/v1/completions`` request, timed."""
     body = {
         "model": model,
@@ -136,6 +142,8 @@ async def stream_completion(client, model: str, prompt: str, max_tokens: int) ->
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if ignore_eos:
+        body["ignore_eos"] = True
     t0 = time.monotonic()
     first = last = None
     usage = None
@@ -219,6 +227,7 @@ async def run_phase(
     max_tokens: int,
     prompt_tokens: int,
     sample_every_s: float = 0.25,
+    ignore_eos: bool = False,
 ) -> PhaseResult:
     phase = PhaseResult(clients)
     before = await read_metrics(client)
@@ -227,7 +236,7 @@ async def run_phase(
         out = []
         for k in range(requests_per_client):
             prompt = make_prompt(c * requests_per_client + k, prompt_tokens)
-            out.append(await stream_completion(client, model, prompt, max_tokens))
+            out.append(await stream_completion(client, model, prompt, max_tokens, ignore_eos))
         return out
 
     done = asyncio.Event()
@@ -279,6 +288,7 @@ def phase_row(phase: PhaseResult, base_agg: float | None) -> dict[str, Any]:
 
 
 COLUMNS = (
+    "round",
     "clients",
     "requests",
     "completion_tokens",
@@ -300,6 +310,8 @@ async def measure(
     requests_per_client: int,
     api_key: str | None = None,
     log=print,
+    ignore_eos: bool = False,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     import httpx
 
@@ -315,23 +327,29 @@ async def measure(
         log(f"server {url}: model {model}")
         await stream_completion(client, model, make_prompt(0, prompt_tokens), min(8, max_tokens))  # warm-up
         rows, phases = [], []
-        base = None  # the 1-client figure, once measured
-        for n in sorted(set(clients)):
-            phase = await run_phase(client, model, n, requests_per_client, max_tokens, prompt_tokens)
-            row = phase_row(phase, base)
-            if n == 1:
-                base = row["agg_decode_tok_s"]
-                row["speedup"] = 1.0
-            rows.append(row)
-            phases.append(phase)
-            log(format_table([row], COLUMNS))
+        for round_ in range(1, repeats + 1):
+            base = None  # this round's 1-client figure, once measured
+            for n in sorted(set(clients)):
+                phase = await run_phase(
+                    client, model, n, requests_per_client, max_tokens, prompt_tokens, ignore_eos=ignore_eos
+                )
+                row = {"round": round_, **phase_row(phase, base)}
+                if n == 1:
+                    base = row["agg_decode_tok_s"]
+                    row["speedup"] = 1.0
+                rows.append(row)
+                phases.append(phase)
+                log(format_table([row], COLUMNS))
     return {
         "url": url,
         "model": model,
         "max_tokens": max_tokens,
         "prompt_tokens": prompt_tokens,
         "requests_per_client": requests_per_client,
+        "ignore_eos": ignore_eos,
+        "repeats": repeats,
         "rows": rows,
+        "summary": summarize(rows),
         "phases": [
             {
                 "clients": p.clients,
@@ -354,6 +372,25 @@ async def measure(
     }
 
 
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per client count: the median over rounds of the aggregate decode tok/s and of the speedup
+    (each round's speedup is against its own 1-client figure)."""
+    out = []
+    for n in sorted({r["clients"] for r in rows}):
+        mine = [r for r in rows if r["clients"] == n]
+        speedups = [r["speedup"] for r in mine if isinstance(r["speedup"], float) and not math.isnan(r["speedup"])]
+        out.append(
+            {
+                "clients": n,
+                "rounds": len(mine),
+                "agg_decode_tok_s": statistics.median(r["agg_decode_tok_s"] for r in mine),
+                "speedup": statistics.median(speedups) if speedups else math.nan,
+                "speedups": [round(x, 2) for x in speedups],
+            }
+        )
+    return out
+
+
 def parse_clients(spec: str) -> list[int]:
     out = [int(p) for p in spec.split(",") if p.strip()]
     if not out or any(n < 1 for n in out):
@@ -367,9 +404,13 @@ def parse_clients(spec: str) -> list[int]:
 @click.option("--max-tokens", default=64, show_default=True, help="max_tokens of each request")
 @click.option("--prompt-tokens", default=128, show_default=True, help="approximate prompt length")
 @click.option("--requests", "requests_per_client", default=3, show_default=True, help="requests per client")
+@click.option("--ignore-eos", is_flag=True, help="every request decodes exactly --max-tokens (as bench batch)")
+@click.option("--repeats", default=1, show_default=True, help="rounds of the whole sweep (median speedup)")
 @click.option("--api-key", envvar="MEMLLM_BENCH_API_KEY", default=None, help="bearer key (MEMLLM_BENCH_API_KEY)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="write the results here")
-def bench_serve(url, clients, max_tokens, prompt_tokens, requests_per_client, api_key, json_path) -> None:
+def bench_serve(
+    url, clients, max_tokens, prompt_tokens, requests_per_client, ignore_eos, repeats, api_key, json_path
+) -> None:
     """Continuous batching: aggregate decode tokens/s of N concurrent streaming clients."""
     from memllm.bench.common import format_table, machine_info, write_json
     from memllm.cli_common import CliError
@@ -379,8 +420,8 @@ def bench_serve(url, clients, max_tokens, prompt_tokens, requests_per_client, ap
     except ImportError:
         raise CliError("memllm bench serve needs httpx (pip install httpx)") from None
     counts = parse_clients(clients)
-    if requests_per_client < 1 or max_tokens < 1:
-        raise CliError("--requests and --max-tokens must be at least 1")
+    if requests_per_client < 1 or max_tokens < 1 or repeats < 1:
+        raise CliError("--requests, --max-tokens and --repeats must be at least 1")
     server = None
     if url is None:
         click.echo("starting memllm serve on a free loopback port ...", err=True)
@@ -399,6 +440,8 @@ def bench_serve(url, clients, max_tokens, prompt_tokens, requests_per_client, ap
                 requests_per_client,
                 api_key,
                 log=lambda s: click.echo(s, err=True),
+                ignore_eos=ignore_eos,
+                repeats=repeats,
             )
         )
     except Exception as exc:
@@ -408,10 +451,11 @@ def bench_serve(url, clients, max_tokens, prompt_tokens, requests_per_client, ap
         if server is not None:
             server.stop()
     click.echo("\n" + format_table(result["rows"], COLUMNS))
-    rows = {r["clients"]: r for r in result["rows"]}
-    if 1 in rows and len(rows) > 1:
-        top = max(rows)
-        click.echo(f"{top} clients: {rows[top]['speedup']:.2f}x the aggregate decode tokens/s of 1 client")
+    summary = {r["clients"]: r for r in result["summary"]}
+    if 1 in summary and len(summary) > 1:
+        top = summary[max(summary)]
+        rounds = f" (median of {top['rounds']} rounds: {top['speedups']})" if top["rounds"] > 1 else ""
+        click.echo(f"{top['clients']} clients: {top['speedup']:.2f}x the aggregate decode tokens/s of 1 client{rounds}")
     if json_path is not None:
         machine = {**machine_info(), "loadavg": os.getloadavg()}  # of this machine (the server's, if local)
         write_json(json_path, {"bench": "serve", "machine": machine, **result})

@@ -71,10 +71,10 @@ class GenerateJob:
     """Sampling, stop conditions and output of one generation (see the module docstring).
 
     ``prompt_ids``: the prompt (only for the repetition penalty's history). ``stop_ids``: sampled
-    ids that end the answer (read, not output). ``stream``: decode text (Text events) and stop at
-    its stop strings. ``close_id``: read after a stop string or ``max_tokens`` to close the turn.
-    ``read_ids``: a list to fill with every id read after the prompt. ``on_token(id)``: called for
-    every sampled id (stop ids included), before it is read.
+    ids that end the answer (read, not output; none with ``params.ignore_eos``). ``stream``: decode
+    text (Text events) and stop at its stop strings. ``close_id``: read after a stop string or
+    ``max_tokens`` to close the turn. ``read_ids``: a list to fill with every id read after the
+    prompt. ``on_token(id)``: called for every sampled id (stop ids included), before it is read.
 
     After the job: ``generated`` holds the answer's ids, ``finish_reason`` is ``"stop"`` or
     ``"length"`` (None while running or if never finished).
@@ -92,7 +92,7 @@ class GenerateJob:
         on_token: Callable[[int], None] | None = None,
     ) -> None:
         self.params = params
-        self.stop_ids = frozenset(stop_ids)
+        self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids)
         self.stream = stream
         self.close_id = close_id
         self.read_ids: list[int] = read_ids if read_ids is not None else []

@@ -94,6 +94,16 @@ def test_completions_streamed_and_not(client, model_id):
     assert "Paris" in whole.choices[0].text
 
 
+def test_ignore_eos_decodes_max_tokens(client, model_id):
+    messages = [{"role": "user", "content": "Answer with one word: is water wet?"}]
+    natural = client.chat.completions.create(model=model_id, messages=messages, max_tokens=48, temperature=0)
+    assert natural.choices[0].finish_reason == "stop" and natural.usage.completion_tokens < 48
+    forced = client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=48, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 48
+
+
 def test_embeddings_float_and_base64(client):
     texts = ["A cat sat on the mat.", "A kitten rested on the rug.", "Quarterly tax filing deadlines."]
     r = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64
