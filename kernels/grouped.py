@@ -57,6 +57,37 @@ def grouped_attention_with_lse(
     return out, lse.reshape(b, hq, tq), key_mass
 
 
+# torch's fused CPU flash attention: (out, logsumexp) in one pass, without a score matrix in memory
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def keys_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over every valid key (no causal order, no key mass): (out (B, Hq, Tq, D) in q's
+    dtype, lse (B, Hq, Tq) float32), as :func:`grouped_attention_with_lse` returns them.
+
+    ``key_mask``: bool (B or 1, 1, 1, Tk), True = valid key, or None. This is the retrieved-memory
+    part of a layer. On CPU, in float32 or bfloat16, it runs torch's fused flash-attention kernel
+    with the query heads of a group folded into rows (valid because no query sees a different key
+    set): 3x faster than the grouped path for 25 queries over 4,096 keys and 10x for 512 (bfloat16,
+    2 threads). Otherwise, and when some batch row has no valid key, the grouped path.
+    """
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    fits = _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
+    if not fits or k.dtype != q.dtype or v.dtype != q.dtype or (key_mask is not None and not key_mask.any(-1).all()):
+        out, lse, _ = grouped_attention_with_lse(q, k, v, key_mask, scale)
+        return out, lse
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype).masked_fill_(~key_mask, float("-inf"))
+    g = hq // hkv
+    out, lse = _FLASH_CPU(q.reshape(b, hkv, g * tq, d), k, v, 0.0, False, attn_mask=bias, scale=scale)
+    return out.reshape(b, hq, tq, d), lse.reshape(b, hq, tq)
+
+
 def few_query_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q (..., Tq, D) @ k (..., Tk, D)^T as a contiguous float32 (..., Tq, Tk), for a few queries.
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.grouped import decode_attention_with_lse, grouped_attention_with_lse
+from kernels.grouped import decode_attention_with_lse, grouped_attention_with_lse, keys_attention_with_lse
 from kernels.reference import merge_attention
 from memllm.memory.retrieval import (
     choose_representatives,
@@ -352,10 +352,13 @@ class StreamingAttention:
         if retrieved is None:
             return out_l
         q_mem = self._rotate_for_memory(q)
-        out_m, lse_m, mass_m = grouped_attention_with_lse(
-            q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale, return_key_mass=self.trace is not None
-        )
-        if self.trace is not None and mass_m is not None:
+        if self.trace is None:  # no per-block attention to record: the fused kernel
+            out_m, lse_m = keys_attention_with_lse(q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale)
+        else:
+            out_m, lse_m, mass_m = grouped_attention_with_lse(
+                q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale, return_key_mass=True
+            )
+            assert mass_m is not None
             per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
             for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
                 self.trace.mass[block_id] += m
