@@ -14,7 +14,7 @@ layers, the output head) is row-wise, so a stream's logits do not depend on its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,26 @@ from memllm.attention import StreamingAttention
 from memllm.model import Transformer
 from memllm.rope import Rope
 from memllm.serving.batch_kv import BatchKV
+
+
+def _isolated(
+    failures: dict[int, Exception] | None,
+    key: int,
+    like: torch.Tensor,
+    attend: Callable[..., torch.Tensor],
+    *args: torch.Tensor | int,
+) -> torch.Tensor:
+    """``attend(*args)``, or zeros shaped like ``like`` when stream ``key`` already failed or fails
+    now (recorded in ``failures``). Without ``failures`` the exception propagates."""
+    if failures is None:
+        return attend(*args)
+    if key in failures:
+        return torch.zeros_like(like)
+    try:
+        return attend(*args)
+    except Exception as exc:
+        failures[key] = exc
+        return torch.zeros_like(like)
 
 
 class BatchedAttention:
@@ -64,18 +84,10 @@ class BatchedAttention:
             raise ValueError(f"batch of {q.shape[0]} rows for {len(self.states)} attention states")
         if self.kv is not None and q.shape[2] == 1:
             return self._attend_batched(layer, q, k, v)
-        outs = []
-        for b, state in enumerate(self.states):
-            if self.failures is not None and b in self.failures:
-                outs.append(torch.zeros_like(q[b : b + 1]))
-                continue
-            try:
-                outs.append(state.attend(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1]))
-            except Exception as exc:
-                if self.failures is None:
-                    raise
-                self.failures[b] = exc
-                outs.append(torch.zeros_like(q[b : b + 1]))
+        outs = [
+            _isolated(self.failures, b, q[b : b + 1], s.attend, layer, q[b : b + 1], k[b : b + 1], v[b : b + 1])
+            for b, s in enumerate(self.states)
+        ]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _attend_batched(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -112,21 +124,9 @@ class BatchedAttention:
                 continue
             if mass is None:
                 mass = probs.sum(dim=2)  # (R, Hkv, width): attention each local key drew
-            if self.failures is not None and i in self.failures:
-                outs.append(torch.zeros_like(out_b[i : i + 1]))
-                continue
             row, end = int(rows[i]), int(self.slots[i]) + 1
-            try:
-                outs.append(
-                    state.finish_layer(
-                        layer, q[i : i + 1], out_b[i : i + 1], lse_b[i : i + 1], mass[row : row + 1, :, :end]
-                    )
-                )
-            except Exception as exc:
-                if self.failures is None:
-                    raise
-                self.failures[i] = exc
-                outs.append(torch.zeros_like(out_b[i : i + 1]))
+            local = (out_b[i : i + 1], lse_b[i : i + 1], mass[row : row + 1, :, :end])
+            outs.append(_isolated(self.failures, i, local[0], state.finish_layer, layer, q[i : i + 1], *local))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -156,16 +156,8 @@ class PackedAttention:
         for i, (state, n) in enumerate(zip(self.prefill, self.lengths, strict=True)):
             seg = slice(start, start + n)
             start += n
-            if self.failures is None:
-                outs.append(state.attend(layer, q[:, :, seg], k[:, :, seg], v[:, :, seg]))
-                continue
-            if i not in self.failures:
-                try:
-                    outs.append(state.attend(layer, q[:, :, seg], k[:, :, seg], v[:, :, seg]))
-                    continue
-                except Exception as exc:
-                    self.failures[i] = exc
-            outs.append(torch.zeros_like(q[:, :, seg]))
+            qs, ks, vs = q[:, :, seg], k[:, :, seg], v[:, :, seg]
+            outs.append(_isolated(self.failures, i, qs, state.attend, layer, qs, ks, vs))
         if self.decode is not None:
 
             def rows(x: torch.Tensor) -> torch.Tensor:  # (1, H, B, D) -> (B, H, 1, D)

@@ -14,13 +14,17 @@ from kernels.grouped import (
 from kernels.reference import attention_with_lse
 
 
+def _inputs(seed: int, tq: int, tk: int, dtype: torch.dtype):
+    """(generator, q (2, 6, tq, 32), k and v (2, 2, tk, 32)): the generator goes on to draw masks."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, h, t, 32, generator=g).to(dtype) for h, t in ((6, tq), (2, tk), (2, tk)))
+    return g, q, k, v
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "per_key"])
 def test_grouped_matches_reference(dtype: torch.dtype, mask_kind: str) -> None:
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 6, 9, 32, generator=g).to(dtype)
-    k = torch.randn(2, 2, 30, 32, generator=g).to(dtype)
-    v = torch.randn(2, 2, 30, 32, generator=g).to(dtype)
+    g, q, k, v = _inputs(0, 9, 30, dtype)
     mask = None
     if mask_kind == "causal":
         mask = torch.arange(30)[None, :] <= torch.arange(21, 30)[:, None]  # (Tq, Tk)
@@ -77,10 +81,7 @@ def test_few_query_scores_on_a_slice_of_a_key_buffer(dtype: torch.dtype) -> None
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["none", "per_key", "a_row_without_keys"])
 def test_keys_attention_matches_reference(dtype: torch.dtype, mask_kind: str) -> None:
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 6, 7, 32, generator=g).to(dtype)
-    k = torch.randn(2, 2, 40, 32, generator=g).to(dtype)
-    v = torch.randn(2, 2, 40, 32, generator=g).to(dtype)
+    g, q, k, v = _inputs(5, 7, 40, dtype)
     mask = None
     if mask_kind != "none":
         mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3  # (B, 1, 1, Tk)

@@ -106,15 +106,21 @@ def test_select_memory_blocks_respects_the_window() -> None:
         assert len(chosen) == min(3, n_eligible)
 
 
-def test_run_patterns_end_to_end(tiny, tmp_path: Path) -> None:
+def _book_and_model(tiny, tmp_path: Path, n_words: int) -> tuple[Path, SimpleNamespace]:
+    """A book of ``n_words`` words ``w0..w49`` (word wN is token N) and the tiny model as a loaded model."""
     model, rope = tiny
     text = tmp_path / "book.txt"
-    text.write_text(" ".join(f"w{i % 50}" for i in range(3000)))
+    text.write_text(" ".join(f"w{i % 50}" for i in range(n_words)))
 
     def tokenizer(s, add_special_tokens=False):
         return {"input_ids": [int(w[1:]) for w in s.split()]}
 
     loaded = SimpleNamespace(model=model, rope=rope, tokenizer=tokenizer, config=CFG, name="tiny", dtype=torch.float32)
+    return text, loaded
+
+
+def test_run_patterns_end_to_end(tiny, tmp_path: Path) -> None:
+    text, loaded = _book_and_model(tiny, tmp_path, 3000)
     specs = default_specs(window=128, n_global=4, stride=32, summary=8)
     specs["bigbird"] = PatternSpec("bigbird", P.bigbird(128, 4, 2, random_block=16))
     specs["memory"] = PatternSpec(
@@ -137,14 +143,7 @@ def test_run_patterns_end_to_end(tiny, tmp_path: Path) -> None:
 
 
 def test_run_patterns_resumes_and_reruns_changed_specs(tiny, tmp_path: Path, monkeypatch) -> None:
-    model, rope = tiny
-    text = tmp_path / "book.txt"
-    text.write_text(" ".join(f"w{i % 50}" for i in range(1000)))
-
-    def tokenizer(s, add_special_tokens=False):
-        return {"input_ids": [int(w[1:]) for w in s.split()]}
-
-    loaded = SimpleNamespace(model=model, rope=rope, tokenizer=tokenizer, config=CFG, name="tiny", dtype=torch.float32)
+    text, loaded = _book_and_model(tiny, tmp_path, 1000)
     specs = default_specs(window=64, n_global=4, stride=16, summary=4)
     out = tmp_path / "out"
     first = run_patterns(
