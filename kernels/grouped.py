@@ -71,8 +71,9 @@ def keys_attention_with_lse(
     ``key_mask``: bool (B or 1, 1, 1, Tk), True = valid key, or None. This is the retrieved-memory
     part of a layer. On CPU, in float32 or bfloat16, it runs torch's fused flash-attention kernel
     with the query heads of a group folded into rows (valid because no query sees a different key
-    set): 3x faster than the grouped path for 25 queries over 4,096 keys and 10x for 512 (bfloat16,
-    2 threads). Otherwise, and when some batch row has no valid key, the grouped path.
+    set): 3x faster than the grouped path for 25 queries over 4,096 keys and 10x for 512 (ad-hoc
+    timings on 2026-11-29, bfloat16, 2 threads). Otherwise, and when some batch row has no valid
+    key, the grouped path.
     """
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
@@ -93,8 +94,8 @@ def few_query_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
     Computed as (k @ q^T)^T. When k is a slice of a longer key buffer (a decode step's keys), torch's
     CPU kernels take the left operand in place but gather a transposed slice first: for a decode
-    step's 3 queries per kv head this is 2-4x faster than q @ k^T (bfloat16, 400-2000 keys). With
-    hundreds of queries (prefill) q @ k^T is faster: use it there.
+    step's 3 queries per kv head this is 2-4x faster than q @ k^T (ad-hoc timings, bfloat16,
+    400-2000 keys). With hundreds of queries (prefill) q @ k^T is faster: use it there.
     """
     scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2)  # (..., Tq, Tk), transposed in memory
     return torch.empty(scores.shape, dtype=torch.float32).copy_(scores)  # one pass: contiguous float32
