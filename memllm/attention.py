@@ -30,7 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.grouped import decode_attention_with_lse, grouped_attention_with_lse, keys_attention_with_lse
+from kernels.grouped import (
+    causal_attention_with_sampled_mass,
+    decode_attention_with_lse,
+    grouped_attention_with_lse,
+    keys_attention_with_lse,
+)
 from kernels.reference import merge_attention
 from memllm.memory.retrieval import (
     choose_representatives,
@@ -318,8 +323,8 @@ class StreamingAttention:
         if t == 1:
             out_l, lse_l, mass_l = decode_attention_with_lse(q_rot, keys, values, self._scale, return_key_mass=True)
         else:
-            out_l, lse_l, mass_l = grouped_attention_with_lse(
-                q_rot, keys, values, None, self._scale, return_key_mass=True, causal=True
+            out_l, lse_l, mass_l = causal_attention_with_sampled_mass(
+                q_rot, keys, values, self._scale, self.mem.mass_stride
             )
         return self.finish_layer(layer, q, out_l, lse_l, mass_l)
 

@@ -30,6 +30,7 @@ class MemorySettings:
     chunk: int = 512  # tokens per prefill chunk (one kNN search per chunk and layer)
     block_size: int = 128  # tokens per memory block
     representatives: int = 4  # representative keys per block, indexed by FAISS
+    mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
     top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
     memory_distance: int = 2048  # every memory key is seen at this relative distance

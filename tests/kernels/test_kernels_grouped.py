@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.grouped import (
+    causal_attention_with_sampled_mass,
     decode_attention_with_lse,
     few_query_scores,
     grouped_attention_with_lse,
@@ -92,3 +93,25 @@ def test_keys_attention_matches_reference(dtype: torch.dtype, mask_kind: str) ->
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got_out.float(), want_out.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(got_lse, want_lse.float(), atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tq", "tk"), [(9, 30), (30, 30), (1, 30), (5, 5)])
+@pytest.mark.parametrize("stride", [1, 4])
+def test_causal_attention_with_sampled_mass(dtype: torch.dtype, tq: int, tk: int, stride: int) -> None:
+    """Out and lse are exact causal attention (queries = the last tq positions); the key mass is
+    the reference mass of the sampled queries (the last, then every stride-th before it), scaled."""
+    _, q, k, v = _inputs(7, tq, tk, dtype)
+    causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # (Tq, Tk)
+    out, lse, mass = causal_attention_with_sampled_mass(q, k, v, 0.2, stride)
+    want_out, want_lse, _ = attention_with_lse(q, k, v, causal, 0.2)
+    picked = torch.arange(tq - 1, -1, -stride).flip(0)
+    _, _, want_mass = attention_with_lse(q[:, :, picked], k, v, causal[picked], 0.2, return_key_mass=True)
+    want_mass = want_mass * (tq / picked.numel())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and lse.dtype == torch.float32 and mass.shape == (2, 2, tk)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse.float(), atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(mass, want_mass.float(), atol=tol * 10, rtol=tol)
+    # each sampled query spreads one unit of mass per query head: the total is Tq * Hq / Hkv per kv head
+    torch.testing.assert_close(mass.sum(-1), torch.full((2, 2), tq * 3.0), atol=1e-3 * tq, rtol=1e-3)
