@@ -11,6 +11,7 @@ import torch
 
 from kernels.reference import attention_with_lse
 from memllm.attention import StreamingAttention, block_layout
+from memllm.memory.faiss_index import BlockIndex
 from memllm.memory.source import InMemorySource, MemoryView, split_view_id
 from memllm.memory.types import MemoryBlock
 from memllm.rope import Rope
@@ -174,6 +175,27 @@ def test_retrieval_returns_the_block_holding_a_planted_key(tiny, ivf_threshold):
     _, ids = view.search(layout.layers[0], query[None], 2)
     assert split_view_id(ids[0, 0]) == (1, planted)
     assert view.fetch(layout.layers[0], ids[0]).keys.shape[0] == 2
+
+
+@pytest.mark.parametrize("n_blocks", [5, 300])
+def test_block_index_search_returns_each_blocks_best_score_best_first(n_blocks):
+    """Against brute force: distinct block ids ranked by their best representative's inner product,
+    padded with id -1 / score -inf when there are fewer blocks than k."""
+    rng = np.random.default_rng(n_blocks)
+    reps, dim, k = 4, 24, 16
+    ids = np.repeat(np.arange(100, 100 + n_blocks), reps)
+    vectors = rng.normal(size=(n_blocks * reps, dim)).astype(np.float32)
+    index = BlockIndex(dim)
+    index.add(ids, vectors)
+    queries = rng.normal(size=(3, dim)).astype(np.float32)
+    scores, got = index.search(queries, k)
+    best = (queries @ vectors.T).reshape(3, n_blocks, reps).max(-1)  # (3, blocks)
+    for row in range(3):
+        order = np.argsort(-best[row])[:k]
+        n = len(order)
+        assert got[row, :n].tolist() == (100 + order).tolist()
+        np.testing.assert_allclose(scores[row, :n], best[row, order], rtol=1e-5, atol=1e-5)
+        assert (got[row, n:] == -1).all() and np.isneginf(scores[row, n:]).all()
 
 
 def test_memorizing_mode_attends_each_querys_own_nearest_tokens(tiny):
