@@ -367,7 +367,8 @@ class StreamingAttention:
             per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
             for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
                 self.trace.mass[block_id] += m
-        return merge_attention([(out_l, lse_l), (out_m, lse_m)])
+        # a logit bias b on every memory key is a shift of that part's log-sum-exp
+        return merge_attention([(out_l, lse_l), (out_m, lse_m + self.mem.memory_bias)])
 
     def _rotate_for_memory(self, q: torch.Tensor) -> torch.Tensor:
         if self._mem_cos_sin is None or self._mem_cos_sin[0].dtype != q.dtype:

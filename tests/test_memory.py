@@ -3,6 +3,7 @@ eviction bookkeeping, and retrieval of a planted block."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -85,11 +86,14 @@ def test_evicted_keys_are_stored_before_rope(tiny):
     assert np.allclose(got.keys[0][:, : e - s].astype(np.float32), k[:, s:e].numpy(), atol=2e-3)
 
 
-def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny):
-    """attend() = softmax over [memory keys seen at memory_distance; local keys at slot positions]."""
+@pytest.mark.parametrize("memory_bias", [0.0, -1.5])
+def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory_bias):
+    """attend() = softmax over [memory keys seen at memory_distance, their logits + memory_bias;
+    local keys at slot positions]."""
     torch.manual_seed(4)
     cfg = tiny.config
-    state = _state(tiny, SMALL, trace=True)
+    mem = dataclasses.replace(SMALL, memory_bias=memory_bias)
+    state = _state(tiny, mem, trace=True)
     ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(4))
     _read(tiny, state, ids, 16)
     assert state.sink.num_blocks() >= SMALL.top_k
@@ -114,7 +118,7 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny):
     scale = 1 / math.sqrt(cfg.head_dim)
     from kernels.reference import expand_kv
 
-    s_mem = q_mem @ expand_kv(retrieved.keys.float(), cfg.n_heads).transpose(-1, -2) * scale
+    s_mem = q_mem @ expand_kv(retrieved.keys.float(), cfg.n_heads).transpose(-1, -2) * scale + memory_bias
     s_mem = s_mem.masked_fill(~retrieved.mask, -math.inf)
     s_loc = q_local @ expand_kv(k_local, cfg.n_heads).transpose(-1, -2) * scale
     causal = torch.arange(n_local).unsqueeze(0) <= pos_q.unsqueeze(1)
