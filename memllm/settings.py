@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ class MemorySettings:
     mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
     top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
-    memory_distance: int = 2048  # every memory key is seen at this relative distance
+    memory_distance: int = 4096  # every memory key is seen at this relative distance (docs/RESULTS.md)
+    standout: float = -math.inf  # keep only retrieved blocks scoring >= mean + standout * std of the top_k
     memory_bias: float = 0.0  # added to every memory key's logit (< 0: memory must score higher to draw attention)
     decode_search_every: int = 16  # re-search memory every N decode steps
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
