@@ -400,7 +400,7 @@ class StreamingAttention:
         else:
             queries = search_vectors(q[0], self.cfg.n_kv_heads, self.retrieval).numpy()
             scores, ids = self.memory.search(layer, queries, self.mem.top_k)
-        chosen = _merge_rows(scores, ids, self.mem.top_k, self.mem.standout)
+        chosen = _merge_rows(scores, ids, self.mem.top_k)
         if chosen.size == 0:
             return None
         fetched = self.memory.fetch(layer, chosen)
@@ -416,18 +416,10 @@ class StreamingAttention:
         return got
 
 
-def _merge_rows(scores: np.ndarray, ids: np.ndarray, k: int, standout: float = -math.inf) -> np.ndarray:
-    """Distinct block ids from several search rows, best score first, at most k.
-
-    ``standout`` (tau): keep only blocks whose best score is at least mean + tau * std of the k best
-    blocks' scores, i.e. those that stand out from the crowd (-inf keeps all k).
-    """
+def _merge_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Distinct block ids from several search rows, best score first, at most k."""
     best: dict[int, float] = {}
     for s, i in zip(scores.ravel().tolist(), ids.ravel().tolist(), strict=True):
         if i >= 0 and s > best.get(i, -math.inf):
             best[i] = s
-    ranked = sorted(best, key=lambda i: -best[i])[:k]
-    if standout > -math.inf and len(ranked) > 1:
-        top = np.array([best[i] for i in ranked])
-        ranked = [i for i in ranked if best[i] >= top.mean() + standout * top.std()]
-    return np.array(ranked, dtype=np.int64)
+    return np.array(sorted(best, key=lambda i: -best[i])[:k], dtype=np.int64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ class MemorySettings:
     top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
     memory_distance: int = 4096  # every memory key is seen at this relative distance (docs/RESULTS.md)
-    standout: float = -math.inf  # keep only retrieved blocks scoring >= mean + standout * std of the top_k
     memory_bias: float = 0.0  # added to every memory key's logit (< 0: memory must score higher to draw attention)
     decode_search_every: int = 16  # re-search memory every N decode steps
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory

@@ -248,16 +248,3 @@ def test_per_head_rows_score_one_head_at_a_time():
     planted = zscores((vectors * vectors).sum(-1, keepdim=True) * 3, vectors, kv, mean, cov)
     assert (planted > 3).all()
 
-
-def test_standout_keeps_only_blocks_that_stand_out_from_the_top_k():
-    from memllm.attention import _merge_rows
-
-    scores = np.array([[9.0, 3.1, 3.0, 2.9, 2.8, 2.7]], dtype=np.float32)
-    ids = np.array([[7, 1, 2, 3, 4, 5]])
-    assert _merge_rows(scores, ids, 6).tolist() == [7, 1, 2, 3, 4, 5]  # off by default
-    assert _merge_rows(scores, ids, 6, standout=1.0).tolist() == [7]  # one block far above the rest
-    flat = np.full((1, 6), 2.0, dtype=np.float32)
-    assert _merge_rows(flat, ids, 6, standout=1.0).tolist() == [7, 1, 2, 3, 4, 5]  # no spread: keep all
-    # several rows: each block's best score across rows counts once
-    two = np.array([[9.0, 3.0], [8.0, 3.5]], dtype=np.float32)
-    assert _merge_rows(two, np.array([[7, 1], [1, 2]]), 3).tolist() == [7, 1, 2]
