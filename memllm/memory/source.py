@@ -65,15 +65,18 @@ def pad_block(arr: np.ndarray, block_size: int) -> np.ndarray:
 class InMemorySource:
     """Blocks held in process memory (the evicted past of the current input).
 
-    Payloads are kept per layer as growing lists of (Hkv, block_size, D) float16 arrays; one
+    Payloads live in one float16 arena per memory layer and kind, (capacity, Hkv, block_size, D),
+    doubled when full, so a fetch is one gather. (Keeping each block as its own 1.5 MB array among
+    a chunk's temporaries let glibc's heap grow to ~4x the payload; docs/RESULTS.md.) One
     ``BlockIndex`` per memory layer indexes the representatives.
     """
 
     def __init__(self, layout: BlockLayout, name: str = "context", ivf_threshold: int = 200_000) -> None:
         self.name = name
         self.layout = layout
-        self._keys: list[list[np.ndarray]] = [[] for _ in layout.layers]
-        self._values: list[list[np.ndarray]] = [[] for _ in layout.layers]
+        shape = (0, layout.n_kv_heads, layout.block_size, layout.head_dim)
+        self._keys = np.zeros((len(layout.layers), *shape), dtype=np.float16)  # (Lm, capacity, Hkv, bs, D)
+        self._values = np.zeros_like(self._keys)
         self._spans: list[tuple[int, int]] = []
         self._indexes = [BlockIndex(layout.search_dim, ivf_threshold) for _ in layout.layers]
 
@@ -83,9 +86,12 @@ class InMemorySource:
     def add(self, block: MemoryBlock) -> int:
         block_id = len(self._spans)
         lay = self.layout
+        if block_id == self._keys.shape[1]:
+            self._grow(max(16, 2 * block_id))
+        n = block.keys.shape[2]
+        self._keys[:, block_id, :, :n] = block.keys
+        self._values[:, block_id, :, :n] = block.values
         for slot in range(lay.n_layers):
-            self._keys[slot].append(pad_block(np.asarray(block.keys[slot], dtype=np.float16), lay.block_size))
-            self._values[slot].append(pad_block(np.asarray(block.values[slot], dtype=np.float16), lay.block_size))
             reps = np.asarray(block.representatives[slot], dtype=np.float32)
             self._indexes[slot].add(np.full(len(reps), block_id, dtype=np.int64), reps)
         self._spans.append((block.token_start, block.token_end))
@@ -103,13 +109,21 @@ class InMemorySource:
         if ids.size == 0:
             empty = np.zeros((0, lay.n_kv_heads, lay.block_size, lay.head_dim), dtype=np.float16)
             return FetchedBlocks(empty, empty.copy(), np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
-        keys = np.stack([self._keys[slot][i] for i in ids])
-        values = np.stack([self._values[slot][i] for i in ids])
+        keys = self._keys[slot, ids]  # a gather: a new array, later adds do not change it
+        values = self._values[slot, ids]
         spans = np.array([self._spans[i] for i in ids], dtype=np.int64)
         return FetchedBlocks(keys, values, spans[:, 1] - spans[:, 0], spans)
 
     def spans(self, block_ids: np.ndarray) -> np.ndarray:
         return np.array([self._spans[i] for i in np.asarray(block_ids, dtype=np.int64)], dtype=np.int64)
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate the arenas with room for ``capacity`` blocks (rows past the count stay zero)."""
+        for name in ("_keys", "_values"):
+            old = getattr(self, name)
+            new = np.zeros((old.shape[0], capacity, *old.shape[2:]), dtype=old.dtype)
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
 
 
 class MemoryView:
