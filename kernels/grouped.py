@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from kernels.reference import merge_attention
+
 
 def grouped_attention_with_lse(
     q: torch.Tensor,
@@ -158,15 +160,12 @@ def causal_attention_with_sampled_mass(
         out_past, lse_past = _FLASH_CPU(
             q.reshape(b, hkv, g * tq, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale
         )
-        out_past, lse_past = out_past.reshape(b, hq, tq, d), lse_past.reshape(b, hq, tq)
-        lse = torch.logaddexp(lse_past, lse_new)  # every row sees at least its own key: finite
-        out = (
-            out_past.float() * (lse_past - lse).exp_().unsqueeze(-1)
-            + out_new.float() * (lse_new - lse).exp_().unsqueeze(-1)
-        ).to(q.dtype)
+        parts = [(out_past.reshape(b, hq, tq, d), lse_past.reshape(b, hq, tq).float()), (out_new, lse_new.float())]
+        out = merge_attention(parts)
+        lse = torch.logaddexp(parts[0][1], parts[1][1])  # every row sees at least its own key: finite
     else:
-        out, lse = out_new, lse_new
-    return out, lse.float(), _sampled_key_mass(q, k, lse.float(), scale, mass_stride)
+        out, lse = out_new, lse_new.float()
+    return out, lse, _sampled_key_mass(q, k, lse, scale, mass_stride)
 
 
 def _sampled_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
