@@ -66,6 +66,7 @@ class SamplingFields(Struct, kw_only=True):
     memory: MemoryOptions | None = None
     kb_ids: list[int] | None = None
     ignore_eos: bool = False  # our extension (as in vLLM): decode max_tokens tokens past end-of-text
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI) -> offset in [-100, 100]
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -1,7 +1,8 @@
 """Choosing the next token: small pure functions over a logits vector.
 
 All functions take and return float32 logits of shape (V,); ``sample`` picks one id. Greedy when
-temperature is 0. Order (as in transformers): repetition penalty, temperature, top-k, top-p.
+temperature is 0. Order: logit bias (as OpenAI's ``logit_bias``), then as in transformers:
+repetition penalty, temperature, top-k, top-p.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+LOGIT_BIAS_LIMIT = 100.0
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate max_tokens tokens, past the model's end-of-text ids (benchmarks)
+    # (token id, offset) pairs added to the logits before anything else; +-100 allows or bans a token
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -34,11 +39,33 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        for token, offset in self.logit_bias:
+            if token < 0:
+                raise ValueError(f"logit_bias token id {token} is negative")
+            if not -LOGIT_BIAS_LIMIT <= offset <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias offset {offset} is outside [-100, 100]")
 
     def generator(self) -> torch.Generator | None:
         if self.seed is None:
             return None
         return torch.Generator().manual_seed(self.seed)
+
+
+def only_tokens_bias(token_ids: Sequence[int]) -> tuple[tuple[int, float], ...]:
+    """A logit bias that makes greedy decoding pick among ``token_ids`` only (constrained choice)."""
+    return tuple((int(t), LOGIT_BIAS_LIMIT) for t in dict.fromkeys(token_ids))
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """Add each (token id, offset) to that token's logit. Ids past the vocabulary raise IndexError."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long)
+    if int(ids.max()) >= logits.numel():
+        raise IndexError(f"logit_bias token id {int(ids.max())} is outside the vocabulary of {logits.numel()}")
+    logits = logits.clone()
+    logits.index_add_(0, ids, torch.tensor([o for _, o in bias], dtype=logits.dtype))
+    return logits
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:
@@ -81,7 +108,8 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> int:
     """logits (V,) float32 -> next token id."""
-    logits = apply_repetition_penalty(logits.float(), previous, params.repetition_penalty)
+    logits = apply_logit_bias(logits.float(), params.logit_bias)
+    logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)

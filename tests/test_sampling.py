@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memllm.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, sample
+from memllm.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    only_tokens_bias,
+    sample,
+)
 
 
 def test_greedy_picks_argmax():
@@ -44,7 +52,33 @@ def test_sampled_tokens_stay_inside_top_k():
     assert {sample(logits, SamplingParams(temperature=2.0, top_k=3), generator=g) for _ in range(200)} <= allowed
 
 
-@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": -2}])
+def test_logit_bias_adds_offsets_and_repeated_ids_add_up():
+    out = apply_logit_bias(torch.tensor([1.0, 2.0, 3.0]), [(0, 5.0), (2, -1.0), (0, 0.5)])
+    assert out.tolist() == [6.5, 2.0, 2.0]
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        apply_logit_bias(torch.zeros(3), [(3, 1.0)])
+
+
+def test_only_tokens_bias_restricts_greedy_and_sampled_choice():
+    logits = torch.tensor([9.0, 1.0, 8.0, 2.0, 7.0])
+    choice = SamplingParams(temperature=0, logit_bias=only_tokens_bias([3, 1, 3]))
+    assert sample(logits, choice) == 3  # the best of the allowed ids, not the overall argmax
+    sampled = SamplingParams(temperature=1.0, logit_bias=only_tokens_bias([1, 3]), seed=0)
+    g = sampled.generator()
+    assert {sample(logits, sampled, generator=g) for _ in range(200)} == {1, 3}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -1},
+        {"max_tokens": -2},
+        {"logit_bias": ((1, 100.5),)},
+        {"logit_bias": ((-1, 1.0),)},
+    ],
+)
 def test_bad_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

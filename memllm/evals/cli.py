@@ -80,10 +80,17 @@ def retrieval_cmd(data, claims, limit, memory_docs, memory_queries, do_sweep, fu
 @click.option("--modes", default=",".join(("memory", "rag", "hybrid", "truncation")), show_default=True)
 @click.option("--max-chars", type=int, default=None, help="skip documents longer than this (quick runs)")
 @click.option("--context", type=int, default=8192, show_default=True, help="tokens of the truncation baseline")
+@click.option(
+    "--choice",
+    type=click.Choice(["letters", "free"]),
+    default="letters",
+    show_default=True,
+    help="multiple choice: the answer's first token constrained to A-D, or free text",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval-results/longdoc.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @_errors
-def longdoc_cmd(data, limit, questions, modes, max_chars, context, out, as_json):
+def longdoc_cmd(data, limit, questions, modes, max_chars, context, choice, out, as_json):
     """L-Eval long-document QA: memory, rag, hybrid and a truncation baseline."""
     from memllm.evals import longdoc
 
@@ -100,6 +107,7 @@ def longdoc_cmd(data, limit, questions, modes, max_chars, context, out, as_json)
         modes=chosen,
         context=context,
         max_chars=max_chars,
+        choice=choice,
         log=(lambda msg: click.echo(msg, err=True)),
     )
     write_json(out, result)

@@ -9,7 +9,10 @@ Modes (same model, same run):
                   the question, full attention (the document prefix is read once per document)
 
 Scores: multiple choice (``evaluation == "exam"``, e.g. quality.jsonl): exact match of the option
-letter; open questions (``f1``, e.g. natural_question.jsonl): token F1 after SQuAD normalisation
+letter. By default the answer's first token is constrained to the four letters (``choice="letters"``:
+the option whose letter the model finds most likely, as MMLU-style harnesses score small models,
+which rarely answer in the asked format); ``choice="free"`` lets the model write and reads the first
+letter it names. Open questions (``f1``, e.g. natural_question.jsonl): token F1 after SQuAD normalisation
 and Porter stemming (best over the gold answers given).
 """
 
@@ -27,6 +30,8 @@ from typing import Any
 from memllm.evals.common import format_table, token_f1
 
 MODES = ("memory", "rag", "hybrid", "truncation")
+CHOICES = ("letters", "free")
+LETTERS = ("A", "B", "C", "D")
 MC_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option only."
 OPEN_INSTRUCTION = "Answer the question with a short phrase from the document."
 
@@ -78,14 +83,25 @@ def _truncation_state(engine, doc: str, context: int, reserve: int):
     return state, len(open_ids) + len(doc_ids)
 
 
-def _truncation_answer(engine, base_state, question_text: str, max_tokens: int) -> str:
+def letter_bias(tokenizer) -> tuple[tuple[int, float], ...]:
+    """The logit bias that restricts one token to the option letters A-D."""
+    from memllm.sampling import only_tokens_bias
+
+    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer splits an option letter into several tokens: {ids}")
+    return only_tokens_bias([i[0] for i in ids])
+
+
+def _truncation_answer(engine, base_state, question_text: str, max_tokens: int, logit_bias=()) -> str:
     from memllm.sampling import SamplingParams
 
     suffix = "\n\n" + question_text
     if "<|im_start|>" in (engine.tokenizer.chat_template or ""):
         suffix += "<|im_end|>\n<|im_start|>assistant\n"
     state = copy.deepcopy(base_state)
-    toks = list(engine.generate(state, engine.encode(suffix), SamplingParams(max_tokens=max_tokens, temperature=0.0)))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=logit_bias)
+    toks = list(engine.generate(state, engine.encode(suffix), params))
     return engine.tokenizer.decode(toks, skip_special_tokens=True).strip()
 
 
@@ -100,10 +116,13 @@ async def evaluate(
     max_tokens: int | None = None,
     engine=None,
     max_chars: int | None = None,
+    choice: str = "letters",
     log=print,
 ) -> dict[str, Any]:
     from memllm.knowledge.service import temporary_service
 
+    if choice not in CHOICES:
+        raise ValueError(f"unknown choice {choice!r}; choose one of {CHOICES}")
     rows = load_leval(data, limit, max_chars)
     per_mode: dict[str, list[float]] = {m: [] for m in modes}
     details = []
@@ -130,12 +149,14 @@ async def evaluate(
                 for q, gold in qs:
                     mc = is_multiple_choice(row, q)
                     instruction = MC_INSTRUCTION if mc else OPEN_INSTRUCTION
-                    n_out = max_tokens or (8 if mc else 24)
+                    constrained = mc and choice == "letters"
+                    n_out = 1 if constrained else max_tokens or (8 if mc else 24)
+                    bias = letter_bias(engine.tokenizer) if constrained else ()
                     rec: dict[str, Any] = {"document": d, "question": q[:200], "gold": gold, "mc": mc}
                     for mode in modes:
                         if mode == "truncation":
                             pred = await svc._run_model(
-                                _truncation_answer, engine, base, f"{instruction}\nQuestion: {q}", n_out
+                                _truncation_answer, engine, base, f"{instruction}\nQuestion: {q}", n_out, bias
                             )
                         else:
                             ans = await svc.ask(
@@ -146,6 +167,7 @@ async def evaluate(
                                 max_tokens=n_out,
                                 documents=[res.document_id],
                                 system=None,
+                                logit_bias=bias,
                             )
                             pred = ans.text
                         s = score(pred, gold, mc)
@@ -162,6 +184,7 @@ async def evaluate(
             "limit": limit,
             "questions": questions,
             "context": context,
+            "choice": choice,
             "memory": dict(vars(settings.memory)) if hasattr(settings.memory, "__dict__") else str(settings.memory),
         },
         "metric": metric,

@@ -850,6 +850,7 @@ class KnowledgeService:
         trace_blocks: int = 8,
         on_text: Callable[[str], None] | None = None,
         documents: Sequence[int] | None = None,
+        logit_bias: tuple[tuple[int, float], ...] = (),
     ) -> Answer:
         """Answer ``question`` from the knowledge base.
 
@@ -859,6 +860,7 @@ class KnowledgeService:
         ``restrict="candidates"``, to their documents with ``"documents"``, or all with ``"none"``).
         mode ``hybrid``: both. Citations: the prompt's chunks (rag, hybrid) or the chunks of the
         blocks that drew the most attention (memory); the memory trace lists those blocks.
+        ``logit_bias``: (token id, offset) pairs, as :class:`~memllm.sampling.SamplingParams` takes them.
         """
         if mode not in QUERY_MODES:
             raise KnowledgeError(f"unknown mode {mode!r}; choose one of {QUERY_MODES}")
@@ -883,7 +885,7 @@ class KnowledgeService:
         content = _question_prompt(question, [r for r, _ in prompt_refs], instruction)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         ids = engine.chat_ids(messages)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, logit_bias=logit_bias)
 
         def new_state():
             if mode == "rag":

@@ -104,6 +104,32 @@ def test_ignore_eos_decodes_max_tokens(client, model_id):
     assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 48
 
 
+def test_logit_bias_forces_and_bans_tokens(client, model_id):
+    from transformers import AutoTokenizer
+
+    from memllm.loading import resolve_model_dir
+    from memllm.settings import Settings
+    from memllm.testing import test_data_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(Settings(data_dir=test_data_dir()))[1])
+    prompt = "The capital of France is"
+    free = client.completions.create(model=model_id, prompt=prompt, max_tokens=1, temperature=0).choices[0].text
+    (free_id,) = tok.encode(free, add_special_tokens=False)
+    (berlin_id,) = tok.encode(" Berlin", add_special_tokens=False)
+    forced = client.completions.create(
+        model=model_id, prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(berlin_id): 100}
+    )
+    assert forced.choices[0].text == " Berlin"
+    banned = client.completions.create(
+        model=model_id, prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(free_id): -100}
+    )
+    assert banned.choices[0].text not in ("", free)
+    for bad in ({"99999999": 5}, {"abc": 5}, {str(free_id): 101}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=model_id, prompt=prompt, max_tokens=1, logit_bias=bad)
+        assert refused.value.body["code"] == "logit_bias"
+
+
 def test_embeddings_float_and_base64(client):
     texts = ["A cat sat on the mat.", "A kitten rested on the rug.", "Quarterly tax filing deadlines."]
     r = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64

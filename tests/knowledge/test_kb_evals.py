@@ -47,3 +47,31 @@ def test_answer_scoring():
     assert token_f1("The Beatles played", "beatles playing") == pytest.approx(1.0)  # stemmed, articles dropped
     assert score("April 25, 2018", ["April 25 , 2018", "2018"], mc=False) == 1.0
     assert token_f1("ten", "10") == 0.0
+
+
+async def test_longdoc_eval_constrains_multiple_choice_to_the_letters(tmp_path, kb_engine):
+    """Every mode of a multiple-choice run answers with exactly one option letter (tiny random model)."""
+    import json
+
+    from kb_helpers import PARAGRAPHS
+
+    from memllm.evals.longdoc import LETTERS, MODES, evaluate
+    from memllm.settings import Settings
+
+    options = "\n(A) green\n(B) black\n(C) blue\n(D) red"
+    row = {
+        "input": "\n\n".join(PARAGRAPHS * 3),
+        "instructions": [f"In what ink were the ship names written?{options}", f"What froze?{options}"],
+        "outputs": ["(A) green", "(C) blue"],
+        "evaluation": "exam",
+    }
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    settings = Settings(data_dir=tmp_path / "data", memory=kb_engine.memory_settings)
+    result = await evaluate(data, settings=settings, engine=kb_engine, context=256, log=lambda _: None)
+    assert result["config"]["choice"] == "letters" and result["metric"] == "exact match"
+    answers = [d[m]["answer"] for d in result["details"] for m in MODES]
+    # the tiny model's WordPiece tokenizer is uncased: its letter tokens decode in lower case
+    assert len(answers) == 2 * len(MODES) and all(a.upper() in LETTERS for a in answers), answers
+    with pytest.raises(ValueError, match="unknown choice"):
+        await evaluate(data, settings=settings, engine=kb_engine, choice="guess")
