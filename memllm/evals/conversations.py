@@ -218,10 +218,11 @@ class RunConfig:
 
 
 class ConversationEval:
-    def __init__(self, engine, config: RunConfig, log=print) -> None:
+    def __init__(self, engine, config: RunConfig, log=print, progress: bool = True) -> None:
         self.engine = engine
         self.config = config
         self.log = log
+        self.progress = progress
         mem = engine.memory_settings
         self.truncation_tokens = config.truncation_tokens or (mem.sinks + mem.window)
         self._retriever_embedder = None
@@ -286,11 +287,18 @@ class ConversationEval:
             self._truncation(conv, asked, record, timing)
         if "retrieval" in cfg.modes:
             t0 = time.perf_counter()
-            for i, (text, _) in enumerate(asked):
+            for i, (text, _) in self._questions(asked, conv.sample_id, "retrieval"):
                 answer = self._answer_fresh(f"{contexts[i]}\n\n{text}")
                 record("retrieval", i, answer)
             timing["retrieval_questions"] += time.perf_counter() - t0
         return records
+
+    def _questions(self, asked, sample_id: str, mode: str):
+        """The asked questions with their index, under a progress bar (stderr) when enabled."""
+        from tqdm import tqdm
+
+        desc = f"{sample_id} {mode}"
+        return tqdm(list(enumerate(asked)), desc=desc, unit="q", disable=not self.progress, leave=False)
 
     def _embedder(self):
         if self._retriever_embedder is None:
@@ -326,7 +334,7 @@ class ConversationEval:
                     if mode not in self.config.modes:
                         continue
                     t0 = time.perf_counter()
-                    for i, (text, _) in enumerate(asked):
+                    for i, (text, _) in self._questions(asked, conv.sample_id, mode):
                         prompt = text if mode == "memory" else f"{contexts[i]}\n\n{text}"
                         result = await service.reply(info.id, prompt, self.params, ephemeral=True)
                         record(mode, i, result.text)
@@ -350,7 +358,7 @@ class ConversationEval:
         engine.prefill(state, engine.encode(template.delta([], first)))
         timing["truncation_read"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        for i, (text, _) in enumerate(asked):
+        for i, (text, _) in self._questions(asked, conv.sample_id, "truncation"):
             fork = fork_state(engine, state, sink=None, extra_sources=[])
             ids = engine.encode(template.delta([first], {"role": "user", "content": text}, True))
             stream = TextStream(tok, self.params.stop)

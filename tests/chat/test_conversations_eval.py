@@ -92,3 +92,32 @@ def test_turn_retrieval_pastes_matching_turns_in_order():
     enc = lambda s: s.split()  # noqa: E731
     assert last_tokens("a b c d", enc, " ".join, 2) == "c d"
     assert last_tokens("a b", enc, " ".join, 5) == "a b"
+
+
+async def test_every_mode_answers_every_question_of_a_small_conversation(tiny_chat):
+    """The whole run, end to end, on a tiny random model: a history long enough to leave the
+    window, every mode answering every question, scores summarised per category."""
+    from chat_helpers import SMALL_MEMORY
+
+    from memllm.engine import Engine
+    from memllm.evals.conversations import MODES, ConversationEval, LocomoConversation, LocomoSession, RunConfig
+
+    turns = [{"speaker": "Ann" if i % 2 else "Bob", "text": f"Turn {i}: I visited town number {i}."} for i in range(24)]
+    conv = LocomoConversation(
+        "tiny",
+        [LocomoSession(1, "1 May 2023", turns[:12]), LocomoSession(2, "2 May 2023", turns[12:])],
+        [
+            {"question": "Which town did Bob visit first?", "answer": "town 0", "category": 4, "evidence": ["D1:1"]},
+            {"question": "What did Ann bake?", "adversarial_answer": "bread", "category": 5, "evidence": ["D2:3"]},
+        ],
+    )
+    engine = Engine(tiny_chat, SMALL_MEMORY)
+    config = RunConfig(max_answer_tokens=3, retrieval_budget=64, truncation_tokens=64)
+    result = await ConversationEval(engine, config, log=lambda _: None, progress=False).run([conv])
+    assert engine.memory_settings.window < sum(len(engine.encode(s.text())) for s in conv.sessions)
+    assert [set(r["predictions"]) for r in result["questions"]] == [set(MODES)] * 2
+    for mode in MODES:
+        summary = result["modes"][mode]
+        assert summary["n"] == 2 and set(summary["by_category"]) == {"4", "5"}
+        assert 0.0 <= summary["overall"] <= 1.0
+    assert {"memory_read", "truncation_read"} <= set(result["timing_s"])
