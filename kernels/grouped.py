@@ -125,11 +125,45 @@ def decode_attention_with_lse(
     return out.view(b, hq, 1, d), lse.view(b, hq, 1), key_mass
 
 
+def causal_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q, the last Tq of the Tk positions of k and v (Tq <= Tk):
+    (out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32), no key mass.
+
+    On CPU in float32/bfloat16 it runs torch's fused flash kernel in two parts, merged by
+    log-sum-exp: the Tk-Tq earlier keys, which every query sees (no mask, the query heads of a
+    group folded into rows), and the causal (Tq, Tq) square. One masked call instead computes every
+    (query, key) product, half of the square's wasted: for 4,096 queries over 8,192 keys the split
+    takes ~1.08 s per layer against ~1.62 s (bfloat16, one thread, an ad-hoc timing on 2026-11-29).
+    Elsewhere, the grouped path.
+    """
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    fits = _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
+    if not fits or k.dtype != q.dtype or v.dtype != q.dtype:
+        out, lse, _ = grouped_attention_with_lse(q, k, v, None, scale, causal=True)
+        return out, lse
+    past = tk - tq
+    k_new = k[:, :, past:].repeat_interleave(g, dim=1)  # (B, Hq, Tq, D): Tq keys, cheap to repeat
+    v_new = v[:, :, past:].repeat_interleave(g, dim=1)
+    out_new, lse_new = _FLASH_CPU(q, k_new, v_new, 0.0, True, scale=scale)  # square: top-left = bottom-right
+    if past == 0:
+        return out_new, lse_new.float()
+    out_past, lse_past = _FLASH_CPU(
+        q.reshape(b, hkv, g * tq, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale
+    )
+    parts = [(out_past.reshape(b, hq, tq, d), lse_past.reshape(b, hq, tq).float()), (out_new, lse_new.float())]
+    lse = torch.logaddexp(parts[0][1], parts[1][1])  # every row sees at least its own key: finite
+    return merge_attention(parts), lse
+
+
 def causal_attention_with_sampled_mass(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mass_stride: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A prefill chunk's local attention: :func:`grouped_attention_with_lse` with ``causal=True``
-    and the key mass, but the mass estimated from every ``mass_stride``-th query.
+    """A prefill chunk's local attention: :func:`causal_attention_with_lse` plus the key mass,
+    estimated from every ``mass_stride``-th query.
 
     q (B, Hq, Tq, D) are the last Tq of the Tk positions of k, v (B, Hkv, Tk, D), Tq <= Tk ->
     (out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32, key_mass (B, Hkv, Tk) float32).
@@ -137,34 +171,15 @@ def causal_attention_with_sampled_mass(
     The key mass (the attention each key drew, summed over queries and the heads of its group)
     only ranks a block's keys to choose its representatives, so it is estimated from the queries
     Tq-1, Tq-1-stride, ... (the last one always included), scaled by Tq / (queries used); stride 1
-    is exact. Out and lse are exact: on CPU in float32/bfloat16 they come from torch's fused
-    flash kernel in two parts, the Tk-Tq earlier keys (which every query sees: no mask, query heads
-    folded into rows) and the causal (Tq, Tq) square, merged by log-sum-exp. With stride 1, or
-    elsewhere, the grouped path. At 512 queries over 2,624 keys (bfloat16, 2 threads) this is
+    is exact and runs the grouped path, which yields the exact mass with out and lse. Out and lse
+    are exact either way. At 512 queries over 2,624 keys (bfloat16, 2 threads) stride 8 takes
     ~35 ms against ~118 ms for the grouped path with exact mass (ad-hoc timing, 2026-11-29).
     """
-    b, hq, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    fits = _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
-    if mass_stride <= 1 or not fits or k.dtype != q.dtype or v.dtype != q.dtype:
-        out, lse, mass = grouped_attention_with_lse(q, k, v, None, scale, return_key_mass=mass_stride <= 1, causal=True)
-        if mass is None:
-            mass = _sampled_key_mass(q, k, lse, scale, mass_stride)
+    if mass_stride <= 1:
+        out, lse, mass = grouped_attention_with_lse(q, k, v, None, scale, return_key_mass=True, causal=True)
+        assert mass is not None
         return out, lse, mass
-    past = tk - tq
-    k_new = k[:, :, past:].repeat_interleave(g, dim=1)  # (B, Hq, Tq, D): Tq keys, cheap to repeat
-    v_new = v[:, :, past:].repeat_interleave(g, dim=1)
-    out_new, lse_new = _FLASH_CPU(q, k_new, v_new, 0.0, True, scale=scale)  # square: top-left = bottom-right
-    if past > 0:
-        out_past, lse_past = _FLASH_CPU(
-            q.reshape(b, hkv, g * tq, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale
-        )
-        parts = [(out_past.reshape(b, hq, tq, d), lse_past.reshape(b, hq, tq).float()), (out_new, lse_new.float())]
-        out = merge_attention(parts)
-        lse = torch.logaddexp(parts[0][1], parts[1][1])  # every row sees at least its own key: finite
-    else:
-        out, lse = out_new, lse_new.float()
+    out, lse = causal_attention_with_lse(q, k, v, scale)
     return out, lse, _sampled_key_mass(q, k, lse, scale, mass_stride)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.grouped import (
+    causal_attention_with_lse,
     causal_attention_with_sampled_mass,
     decode_attention_with_lse,
     grouped_attention_with_lse,
@@ -297,7 +298,6 @@ class StreamingAttention:
         buf, t = self.buf, q.shape[2]
         start = buf.length
         end = start + t
-        positions = torch.arange(start, end)
         q_rot = self.rotate_new(q)
         self.store(layer, k, self.rotate_new(k), v)
         keys, values = buf.rot[layer, :, :, :end], buf.val[layer, :, :, :end]
@@ -316,10 +316,7 @@ class StreamingAttention:
                 return F.scaled_dot_product_attention(
                     q_rot, keys, values, is_causal=True, scale=self._scale, enable_gqa=True
                 )
-            causal = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)  # (T, end) on slot positions
-            return F.scaled_dot_product_attention(
-                q_rot, keys, values, attn_mask=causal, scale=self._scale, enable_gqa=True
-            )
+            return causal_attention_with_lse(q_rot, keys, values, self._scale)[0]
         if t == 1:
             out_l, lse_l, mass_l = decode_attention_with_lse(q_rot, keys, values, self._scale, return_key_mass=True)
         else:

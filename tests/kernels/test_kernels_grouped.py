@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.grouped import (
+    causal_attention_with_lse,
     causal_attention_with_sampled_mass,
     decode_attention_with_lse,
     few_query_scores,
@@ -93,6 +94,21 @@ def test_keys_attention_matches_reference(dtype: torch.dtype, mask_kind: str) ->
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got_out.float(), want_out.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(got_lse, want_lse.float(), atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("tq", "tk"), [(9, 30), (30, 30), (1, 30), (5, 5)])
+def test_causal_attention_matches_reference(dtype: torch.dtype, tq: int, tk: int) -> None:
+    """Exact causal attention (queries = the last tq positions) on the flash path (float32,
+    bfloat16) and the grouped fallback (float16)."""
+    _, q, k, v = _inputs(5, tq, tk, dtype)
+    causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # (Tq, Tk)
+    out, lse = causal_attention_with_lse(q, k, v, 0.2)
+    want_out, want_lse, _ = attention_with_lse(q.float(), k.float(), v.float(), causal, 0.2)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=tol * 10, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
