@@ -168,6 +168,27 @@ def bench_passkey(lengths, depths, trials, filler, modes, out, **memory) -> None
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+@bench.command("ingest")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="an L-Eval .jsonl file, a folder of .txt files or one text file [default: <eval data>/leval/quality.jsonl]",
+)
+@click.option("--limit", type=int, default=3, show_default=True, help="first N documents (0 = all)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results/ingest.json"), show_default=True)
+@friendly_errors
+def bench_ingest(data: Path | None, limit: int, out: Path) -> None:
+    """Ingestion tokens/s against the model's raw (full-attention) prefill of the same tokens."""
+    from memllm.bench import ingest
+    from memllm.bench.common import eval_data_dir, format_table
+
+    path = data or eval_data_dir() / "leval" / "quality.jsonl"
+    rows = ingest.run(path, limit or None, out, get_settings(), log=lambda msg: click.echo(msg, err=True))
+    click.echo("\n" + format_table(rows))
+    click.echo(f"wrote {out}")
+
+
 @bench.command("ppl")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--tokens", default=65536, show_default=True)
