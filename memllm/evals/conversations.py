@@ -99,6 +99,18 @@ def load_locomo(path: Path | str) -> list[LocomoConversation]:
     return out
 
 
+def select_conversations(convs: Sequence[LocomoConversation], sample_ids: str | None) -> list[LocomoConversation]:
+    """The conversations named in the comma list ``sample_ids`` (file order), or all of them."""
+    if not sample_ids:
+        return list(convs)
+    wanted = {x.strip() for x in sample_ids.split(",") if x.strip()}
+    unknown = sorted(wanted - {c.sample_id for c in convs})
+    if unknown:
+        known = ", ".join(c.sample_id for c in convs)
+        raise ValueError(f"no conversation {', '.join(unknown)} in the data (it has {known})")
+    return [c for c in convs if c.sample_id in wanted]
+
+
 def pick_questions(qa: Sequence[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
     """All questions, or ``limit`` of them spread evenly over the list (so every category shows up)."""
     if limit is None or limit >= len(qa):
@@ -425,6 +437,12 @@ def format_report(result: dict[str, Any], modes: Sequence[str]) -> str:
 )
 @click.option("--modes", default=",".join(MODES), show_default=True, help="comma list of " + ", ".join(MODES))
 @click.option("--limit-conversations", type=int, default=None, help="first N conversations")
+@click.option(
+    "--conversations",
+    "sample_ids",
+    default=None,
+    help="comma list of sample ids to run (e.g. conv-41,conv-42), in file order; default all",
+)
 @click.option("--limit-questions", type=int, default=None, help="M questions per conversation, spread evenly")
 @click.option(
     "--limit-sessions",
@@ -440,6 +458,7 @@ def conversations_command(
     data,
     modes,
     limit_conversations,
+    sample_ids,
     limit_questions,
     limit_sessions,
     max_answer_tokens,
@@ -470,8 +489,11 @@ def conversations_command(
         truncation_tokens=truncation_tokens,
         retrieval_budget=retrieval_budget,
     )
+    try:
+        convs = select_conversations(load_locomo(data), sample_ids)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     engine = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
-    convs = load_locomo(data)
     t0 = time.perf_counter()
     evaluation = ConversationEval(engine, config, log=lambda s: click.echo(s, err=True))
     result = asyncio.run(evaluation.run(convs))
@@ -490,7 +512,10 @@ def conversations_command(
                 "retrieval_budget",
             )
         }
-        | {"truncation_tokens": evaluation.truncation_tokens},
+        | {
+            "truncation_tokens": evaluation.truncation_tokens,
+            "conversations": [c.sample_id for c in convs[:limit_conversations]],
+        },
         wall_s=time.perf_counter() - t0,
     )
     click.echo(format_report(result, chosen))

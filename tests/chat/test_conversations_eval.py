@@ -10,6 +10,7 @@ from memllm.chat.baselines import PastTurn, TurnRetriever, format_turns, last_to
 from memllm.evals.common import eval_data_dir
 from memllm.evals.conversations import (
     NOT_MENTIONED,
+    LocomoConversation,
     f1_multi,
     f1_score,
     limit_sessions,
@@ -19,6 +20,7 @@ from memllm.evals.conversations import (
     question_text,
     resolve_option,
     score_answer,
+    select_conversations,
     summarize,
 )
 
@@ -121,3 +123,11 @@ async def test_every_mode_answers_every_question_of_a_small_conversation(tiny_ch
         assert summary["n"] == 2 and set(summary["by_category"]) == {"4", "5"}
         assert 0.0 <= summary["overall"] <= 1.0
     assert {"memory_read", "truncation_read"} <= set(result["timing_s"])
+
+
+def test_select_conversations_by_sample_id():
+    convs = [LocomoConversation(sid, []) for sid in ("conv-1", "conv-2", "conv-3")]
+    assert select_conversations(convs, None) == convs
+    assert [c.sample_id for c in select_conversations(convs, "conv-3, conv-1")] == ["conv-1", "conv-3"]
+    with pytest.raises(ValueError, match="no conversation conv-9"):
+        select_conversations(convs, "conv-1,conv-9")
