@@ -39,16 +39,22 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
-        for token, offset in self.logit_bias:
-            if token < 0:
-                raise ValueError(f"logit_bias token id {token} is negative")
-            if not -LOGIT_BIAS_LIMIT <= offset <= LOGIT_BIAS_LIMIT:
-                raise ValueError(f"logit_bias offset {offset} is outside [-100, 100]")
+        check_logit_bias(self.logit_bias)
 
     def generator(self) -> torch.Generator | None:
         if self.seed is None:
             return None
         return torch.Generator().manual_seed(self.seed)
+
+
+def check_logit_bias(bias: Sequence[tuple[int, float]], vocab_size: int | None = None) -> None:
+    """Raise ValueError unless every token id is in [0, vocab_size) and every offset in [-100, 100]."""
+    for token, offset in bias:
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            limit = f"0..{vocab_size - 1}" if vocab_size is not None else "ids >= 0"
+            raise ValueError(f"logit_bias: {token} is not a token id of this model ({limit})")
+        if not -LOGIT_BIAS_LIMIT <= offset <= LOGIT_BIAS_LIMIT:
+            raise ValueError(f"logit_bias: offset {offset} for token {token} is outside [-100, 100]")
 
 
 def only_tokens_bias(token_ids: Sequence[int]) -> tuple[tuple[int, float], ...]:

@@ -25,7 +25,7 @@ from api.generation import Generation, PlainGeneration, TurnGeneration, kb_citat
 from api.ownership import owned_kb_ids, owned_session
 from api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest, SamplingFields
 from api.sse import SSE_HEADERS, stream_events, streaming_post
-from memllm.sampling import LOGIT_BIAS_LIMIT, SamplingParams
+from memllm.sampling import SamplingParams, check_logit_bias
 
 KB_CONTEXT_PASSAGES = 4
 EMBEDDING_BATCH_LIMIT = 256
@@ -52,15 +52,15 @@ def sampling_params(core: Core, req: SamplingFields, max_tokens: int | None) -> 
 
 def logit_bias(core: Core, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's ``logit_bias`` ({"token id": offset}) checked against the model's vocabulary."""
-    out = []
-    vocab = core.engine.model.config.vocab_size
-    for key, offset in (bias or {}).items():
-        if not key.strip().isdigit() or int(key) >= vocab:
-            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab - 1})", "logit_bias")
-        if not -LOGIT_BIAS_LIMIT <= offset <= LOGIT_BIAS_LIMIT:
-            raise ApiError(400, f"logit_bias: offset {offset} for token {key} is outside [-100, 100]", "logit_bias")
-        out.append((int(key), float(offset)))
-    return tuple(out)
+    bad_keys = [key for key in bias or {} if not key.strip().isdigit()]
+    if bad_keys:
+        raise ApiError(400, f"logit_bias: {bad_keys[0]!r} is not a token id", "logit_bias")
+    pairs = tuple((int(key), float(offset)) for key, offset in (bias or {}).items())
+    try:
+        check_logit_bias(pairs, core.engine.model.config.vocab_size)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "logit_bias") from None
+    return pairs
 
 
 def check_prompt(core: Core, n_tokens: int) -> None:
