@@ -27,7 +27,9 @@ class MemoryOptions(Struct, kw_only=True, forbid_unknown_fields=True):
     decode_search_every: Annotated[int, Meta(ge=1, le=1024)] | None = None
 
     def overrides(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__struct_fields__ if f != "mode" and getattr(self, f) is not None}
+        from memllm.settings import memory_overrides
+
+        return memory_overrides(**{f: getattr(self, f) for f in self.__struct_fields__ if f != "mode"})
 
 
 class ContentPart(Struct, kw_only=True):

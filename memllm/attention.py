@@ -74,6 +74,18 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def parse_layer_top_k(spec: str, default: int, n_layers: int) -> tuple[int, ...]:
+    """ "11-29:8,0:16" -> blocks retrieved per search at each layer (``default`` where not named)."""
+    top_k = [default] * n_layers
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        layers, sep, k = part.partition(":")
+        if not sep or not k.strip().isdigit():
+            raise ValueError(f"layer top-k {part!r}: expected LAYERS:K, e.g. 11-29:8")
+        for layer in parse_layers(layers, n_layers):
+            top_k[layer] = int(k)
+    return tuple(top_k)
+
+
 def block_layout(cfg: ModelConfig, mem: MemorySettings) -> BlockLayout:
     return BlockLayout(
         layers=parse_layers(mem.layers, cfg.n_layers),
@@ -176,6 +188,7 @@ class StreamingAttention:
         self.mode = mem.mode
         self.layout = block_layout(cfg, mem)
         self.memory_layers = frozenset(self.layout.layers) if self.mode == "memory" else frozenset()
+        self.top_k = parse_layer_top_k(mem.layer_top_k, mem.top_k, cfg.n_layers)  # blocks per search, per layer
         self.token_memory: TokenMemory | None = None
         if self.mode == "memorizing":
             layers = parse_layers(mem.memorizing_layers, cfg.n_layers)
@@ -238,22 +251,25 @@ class StreamingAttention:
 
     def _evict_overflow(self) -> None:
         """Before reading new tokens, keep at most ``window`` local tokens (whole blocks leave)."""
-        local = self.buf.length - self.n_sinks
-        bs = self.mem.block_size
-        while local > self.mem.window:
-            self._evict_block(self.n_sinks, bs)
-            local -= bs
+        over = self.buf.length - self.n_sinks - self.mem.window
+        if over > 0:
+            self._evict_blocks(self.n_sinks, [self.mem.block_size] * -(-over // self.mem.block_size))
 
-    def _evict_block(self, slot: int, count: int) -> None:
-        if self.mode == "memory" and self.sink is not None:
-            self.sink.add(self._make_block(slot, count))
-        if self.token_memory is not None:
-            for layer in self.token_memory.layers:
-                sl = slice(slot, slot + count)
-                self.token_memory.add(layer, self.buf.raw[layer, 0, :, sl], self.buf.val[layer, 0, :, sl])
-        self.evicted_blocks += 1
-        self.local_start += count
-        self.buf.drop(slot, count, self.rope)
+    def _evict_blocks(self, slot: int, counts: list[int]) -> None:
+        """Move consecutive blocks of ``counts`` tokens from ``slot`` on to memory, then drop their
+        slots at once (one shift and re-rotation of the later slots, however many blocks leave)."""
+        offset = slot
+        for count in counts:
+            if self.mode == "memory" and self.sink is not None:
+                self.sink.add(self._make_block(offset, count))
+            if self.token_memory is not None:
+                for layer in self.token_memory.layers:
+                    sl = slice(offset, offset + count)
+                    self.token_memory.add(layer, self.buf.raw[layer, 0, :, sl], self.buf.val[layer, 0, :, sl])
+            self.evicted_blocks += 1
+            self.local_start += count
+            offset += count
+        self.buf.drop(slot, offset - slot, self.rope)
 
     def _make_block(self, slot: int, count: int) -> MemoryBlock:
         """Slots [slot, slot+count) of batch row 0 as a MemoryBlock (pre-RoPE keys, float16)."""
@@ -286,11 +302,11 @@ class StreamingAttention:
         if include_sinks and self.n_sinks:
             self.sink.add(self._make_block(0, self.n_sinks))
             written += 1
-        while self.buf.length > self.n_sinks:
-            count = min(bs, self.buf.length - self.n_sinks)
-            self._evict_block(self.n_sinks, count)
-            written += 1
-        return written
+        local = self.buf.length - self.n_sinks
+        counts = [min(bs, local - start) for start in range(0, local, bs)]
+        if counts:
+            self._evict_blocks(self.n_sinks, counts)
+        return written + len(counts)
 
     # ----------------------------------------------------------------------------------- attention
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -380,7 +396,7 @@ class StreamingAttention:
         rows comparable so the best block of any head/token can win (docs/retrieval-study.md).
         """
         rows, kv, vectors = per_head_rows(q, self.cfg.n_kv_heads, self.mem.asking_tokens)
-        scores, ids = self.memory.search(layer, rows.numpy(), self.mem.top_k)
+        scores, ids = self.memory.search(layer, rows.numpy(), self.top_k[layer])
         keys = self.buf.raw[layer, 0, :, : self.buf.length]  # (Hkv, n, D) sinks + local, a sample of keys
         mean, cov = key_statistics(keys)
         z = zscores(torch.from_numpy(scores), vectors, kv, mean, cov)
@@ -388,7 +404,8 @@ class StreamingAttention:
 
     def _retrieve(self, layer: int, q: torch.Tensor) -> _Retrieved | None:
         """Blocks this layer attends to for the current tokens (searched now or reused)."""
-        if self.memory is None or self.memory.num_blocks() == 0 or self.mem.top_k <= 0:
+        top_k = self.top_k[layer]
+        if self.memory is None or self.memory.num_blocks() == 0 or top_k <= 0:
             return None
         if not self._search_now and layer in self._retrieved:
             return self._retrieved[layer]
@@ -396,8 +413,8 @@ class StreamingAttention:
             scores, ids = self._search_per_head(layer, q[0])
         else:
             queries = search_vectors(q[0], self.cfg.n_kv_heads, self.retrieval).numpy()
-            scores, ids = self.memory.search(layer, queries, self.mem.top_k)
-        chosen = _merge_rows(scores, ids, self.mem.top_k)
+            scores, ids = self.memory.search(layer, queries, top_k)
+        chosen = _merge_rows(scores, ids, top_k)
         if chosen.size == 0:
             return None
         fetched = self.memory.fetch(layer, chosen)

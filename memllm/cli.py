@@ -121,8 +121,9 @@ def bench_batch(streams: str, max_tokens: int, mode: str | None, threads: int | 
 
 
 def _memory_overrides(sinks, window, top_k, block_size, layers) -> dict:
-    given = {"sinks": sinks, "window": window, "top_k": top_k, "block_size": block_size, "layers": layers}
-    return {k: v for k, v in given.items() if v is not None}
+    from memllm.settings import memory_overrides
+
+    return memory_overrides(sinks=sinks, window=window, top_k=top_k, block_size=block_size, layers=layers)
 
 
 def memory_options(fn):

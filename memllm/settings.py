@@ -32,6 +32,7 @@ class MemorySettings:
     representatives: int = 4  # representative keys per block, indexed by FAISS
     mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
     top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
+    layer_top_k: str = ""  # per-layer overrides of top_k, "LAYERS:K,...", e.g. "11-29:8" (docs/RESULTS.md)
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
     memory_distance: int = 4096  # every memory key is seen at this relative distance (docs/RESULTS.md)
     # added to every memory key's logit (< 0: memory must score higher to draw attention); -0.5 brings the
@@ -96,6 +97,15 @@ def _fields_from_env(cls: type, env: dict[str, str] | os._Environ, prefix: str, 
         except ValueError as exc:
             raise ValueError(f"{prefix}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from exc
     return values
+
+
+def memory_overrides(**given: object) -> dict[str, object]:
+    """The ``MemorySettings`` changes among ``given`` (None = not given). A ``top_k`` given for one
+    request or command applies to every layer: it replaces the per-layer ``layer_top_k``."""
+    out = {k: v for k, v in given.items() if v is not None}
+    if "top_k" in out:
+        out.setdefault("layer_top_k", "")
+    return out
 
 
 @functools.cache

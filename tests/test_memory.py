@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from kernels.reference import attention_with_lse
-from memllm.attention import StreamingAttention, block_layout
+from memllm.attention import StreamingAttention, block_layout, parse_layer_top_k
 from memllm.memory.faiss_index import BlockIndex
 from memllm.memory.source import InMemorySource, MemoryView, split_view_id
 from memllm.memory.types import MemoryBlock
 from memllm.rope import Rope
-from memllm.settings import MemorySettings
+from memllm.settings import MemorySettings, memory_overrides
 
 SMALL = MemorySettings(
     mode="memory", sinks=4, window=32, chunk=16, block_size=8, representatives=2, top_k=3, memory_distance=40
@@ -129,6 +129,27 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     # the memory trace saw the retrieved blocks
     assert set(state.trace.mass) >= set(retrieved.ids.tolist())
+
+
+def test_layer_top_k_sets_blocks_retrieved_per_layer(tiny):
+    """``layer_top_k`` overrides ``top_k`` on the layers it names; the others keep ``top_k``."""
+    n_layers = tiny.config.n_layers
+    assert parse_layer_top_k("", 32, 4) == (32, 32, 32, 32)
+    assert parse_layer_top_k("1-2:8, 3:0", 32, 4) == (32, 8, 8, 0)
+    for bad in ("1-2", "1:x", f"{n_layers}:4"):
+        with pytest.raises(ValueError):
+            parse_layer_top_k(bad, 32, n_layers)
+    # a top_k given for a request or command applies to every layer
+    assert memory_overrides(top_k=16, window=None) == {"top_k": 16, "layer_top_k": ""}
+    assert memory_overrides(window=512) == {"window": 512}
+    mem = dataclasses.replace(SMALL, top_k=4, layer_top_k=f"1:1,{n_layers - 1}:0")
+    state = _state(tiny, mem)
+    ids = torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(6))
+    _read(tiny, state, ids, 16)
+    assert state.sink.num_blocks() >= 4
+    got = {layer: len(r.ids) for layer, r in state._retrieved.items()}
+    assert got[0] == 4 and got[1] == 1
+    assert n_layers - 1 not in got  # top-k 0: the layer attends to its window only
 
 
 def test_merge_equals_single_softmax():

@@ -29,7 +29,8 @@ def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
 
 @torch.inference_mode()
 def needle_ranks(engine: Engine, length: int, depth: float, filler: str, key: int = 51234) -> list[dict]:
-    """One row per scoring: rank of the needle block at every layer, and layers with rank < top_k."""
+    """One row per scoring: rank of the needle block at every layer, and the layers where it is
+    within that layer's top-k (``top_k``, or ``layer_top_k`` where set)."""
     cfg = engine.model.config
     prompt = build_prompt(engine, length, depth, key, filler)
     last_qkv: dict[int, torch.Tensor] = {}
@@ -65,12 +66,11 @@ def needle_ranks(engine: Engine, length: int, depth: float, filler: str, key: in
             best = _best_per_block(scores, ids)
             order = sorted(best, key=lambda i: -best[i])
             ranks.append(min(order.index(b) for b in needle))
-        top_k = state.mem.top_k
         rows.append(
             {
                 "scoring": scoring,
                 "blocks": n,
-                f"layers_in_top{top_k}": sum(r < top_k for r in ranks),
+                "layers_within_top_k": sum(r < k for r, k in zip(ranks, state.top_k, strict=True)),
                 "ranks": " ".join(map(str, ranks)),
             }
         )

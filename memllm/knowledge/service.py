@@ -540,16 +540,23 @@ class KnowledgeService:
             if not ids:
                 raise BadDocumentError(f"{source_name}: no tokens")
             chunks = chunk_text(text, tmap, self.chunk_tokens, self.overlap_tokens)
-            vecs = await asyncio.to_thread(self.embedder.encode, [c.text for c in chunks])
             await set_status("encoding")
             emit("start", {"source": source_name, "tokens": len(ids)})
-            blocks = await self._run_model(
-                encode_document,
-                engine,
-                ids,
-                self._between_chunks(lambda n: emit("tokens", {"source": source_name, "n": n})),
-                should_stop,
-            )
+            # the chunk embeddings are computed while the model reads (a pipeline: neither waits)
+            embedding = asyncio.ensure_future(asyncio.to_thread(self.embedder.encode, [c.text for c in chunks]))
+            try:
+                blocks = await self._run_model(
+                    encode_document,
+                    engine,
+                    ids,
+                    self._between_chunks(lambda n: emit("tokens", {"source": source_name, "n": n})),
+                    should_stop,
+                )
+            finally:
+                await asyncio.wait([embedding])  # never leave the embedder running behind a failure
+                if not embedding.cancelled():
+                    embedding.exception()  # retrieved here, raised by result() below when the read succeeded
+            vecs = embedding.result()
             owner_map = block_chunk_indices(blocks, [(c.token_start, c.token_end) for c in chunks])
             fields = dict(
                 sha256=sha, media_type=media_type, meta=meta or {}, token_count=len(ids), char_count=len(text)
