@@ -552,11 +552,10 @@ class KnowledgeService:
                     self._between_chunks(lambda n: emit("tokens", {"source": source_name, "n": n})),
                     should_stop,
                 )
-            finally:
-                await asyncio.wait([embedding])  # never leave the embedder running behind a failure
-                if not embedding.cancelled():
-                    embedding.exception()  # retrieved here, raised by result() below when the read succeeded
-            vecs = embedding.result()
+            except BaseException:
+                await asyncio.gather(embedding, return_exceptions=True)  # never leave the embedder running
+                raise
+            vecs = await embedding
             owner_map = block_chunk_indices(blocks, [(c.token_start, c.token_end) for c in chunks])
             fields = dict(
                 sha256=sha, media_type=media_type, meta=meta or {}, token_count=len(ids), char_count=len(text)
