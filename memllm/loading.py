@@ -9,12 +9,14 @@ loads directly.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,21 +105,38 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "memllm-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".tmp", dir=out_dir.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "memllm-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s to %s in %.1f s", gguf.name, out_dir, time.perf_counter() - t0)
     return out_dir
+
+
+def _converted(gguf: Path, folder: Path, announce: str | None = None) -> Path:
+    """``folder``, converted from ``gguf`` unless already there. Processes starting together convert
+    once: the first holds a lock file beside the folder, the others wait and find it done."""
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").is_file():
+            if announce:
+                print(announce, file=sys.stderr, flush=True)
+            convert_gguf(gguf, folder)
+    return folder
 
 
 def resolve_model_dir(settings: Settings) -> tuple[str, Path]:
@@ -126,16 +145,11 @@ def resolve_model_dir(settings: Settings) -> tuple[str, Path]:
     if spec in BUNDLED_MODELS:
         folder = settings.data_dir / "models" / spec
         if not (folder / "config.json").is_file():
-            gguf = bundled_gguf(spec)
-            print(f"memllm: preparing the bundled model {spec} (one time, ~30 s)...", file=sys.stderr, flush=True)
-            convert_gguf(gguf, folder)
+            _converted(bundled_gguf(spec), folder, f"memllm: preparing the bundled model {spec} (one time, ~30 s)...")
         return spec, folder
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        folder = settings.data_dir / "models" / path.stem
-        if not (folder / "config.json").is_file():
-            convert_gguf(path, folder)
-        return path.stem, folder
+        return path.stem, _converted(path, settings.data_dir / "models" / path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return path.name, path
     raise ModelNotFoundError(

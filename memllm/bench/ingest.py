@@ -4,9 +4,9 @@ For each document (the ``input`` fields of an L-Eval ``.jsonl`` file, or text fi
 process and one after the other:
 
 ``ingest``   :meth:`KnowledgeService.ingest_text` into a fresh knowledge base (clean, tokenize,
-             chunk, embed, read through the model in memory mode, persist blocks and chunks);
-``memory``   the model's memory-mode read of the same tokens alone (what ingestion spends in the
-             model);
+             chunk, embed, read through the model, persist blocks and chunks);
+``model``    the model's read of the same tokens alone, as ingestion reads them (``encode_document``:
+             a window read at the default ``ingest_top_k`` 0), what ingestion spends in the model;
 ``full``     full-attention prefill of the same tokens, the model's raw prefill: pieces of at most
              the trained context length, each from a fresh state (full attention reads no more).
 
@@ -83,13 +83,13 @@ async def measure(
                     continue
                 ids, _ = TokenMap.from_tokenizer(engine.tokenizer, clean_text(text))
                 assert len(ids) == res.tokens, (len(ids), res.tokens)
-                t_memory = await asyncio.to_thread(_timed, lambda ids=ids: encode_document(engine, ids))
+                t_model = await asyncio.to_thread(_timed, lambda ids=ids: encode_document(engine, ids))
                 t_full = await asyncio.to_thread(full_prefill_seconds, engine, ids)
                 row = {
                     "document": name,
                     "tokens": len(ids),
                     "ingest_s": t_ingest,
-                    "memory_read_s": t_memory,
+                    "model_read_s": t_model,
                     "full_prefill_s": t_full,
                 }
                 rows.append(row)
@@ -97,7 +97,7 @@ async def measure(
     total = {
         "document": "all",
         "tokens": sum(r["tokens"] for r in rows),
-        **{k: sum(r[k] for r in rows) for k in ("ingest_s", "memory_read_s", "full_prefill_s")},
+        **{k: sum(r[k] for r in rows) for k in ("ingest_s", "model_read_s", "full_prefill_s")},
     }
     return {"machine": machine_info(), "documents": rows, "total": total}
 
@@ -105,8 +105,8 @@ async def measure(
 def _line(r: dict[str, Any]) -> str:
     n = r["tokens"]
     return (
-        f"{r['document']}: {n} tokens; ingest {n / r['ingest_s']:.0f} tok/s, memory read "
-        f"{n / r['memory_read_s']:.0f} tok/s, full prefill {n / r['full_prefill_s']:.0f} tok/s"
+        f"{r['document']}: {n} tokens; ingest {n / r['ingest_s']:.0f} tok/s, model read "
+        f"{n / r['model_read_s']:.0f} tok/s, full prefill {n / r['full_prefill_s']:.0f} tok/s"
     )
 
 
@@ -120,10 +120,10 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "document": r["document"],
                 "tokens": n,
                 "ingest tok/s": round(n / r["ingest_s"], 1),
-                "memory read tok/s": round(n / r["memory_read_s"], 1),
+                "model read tok/s": round(n / r["model_read_s"], 1),
                 "full prefill tok/s": round(n / r["full_prefill_s"], 1),
                 "ingest / full": round(r["full_prefill_s"] / r["ingest_s"], 3),
-                "ingest / memory read": round(r["memory_read_s"] / r["ingest_s"], 3),
+                "ingest / model read": round(r["model_read_s"] / r["ingest_s"], 3),
             }
         )
     return out

@@ -1,9 +1,11 @@
 """Reading a document through the model as one continuous stream, collecting its memory blocks.
 
-The document is prefilled in memory mode with a sink that only collects: it attends to its own
-evicted past (kNN over the blocks it has already produced) and nothing else, exactly as a long
-prompt would. At the end, ``flush_to_memory`` moves the sinks and the local window into the sink
-too, so every token of the document lies in exactly one block.
+The document is prefilled in memory mode with a sink that only collects. With ``ingest_top_k`` 0
+(the default) it attends to its sinks and local window only, a window read whose evicted blocks are
+kept; with -1 it also attends to its own evicted past (kNN over the blocks it has already produced),
+exactly as a long prompt would. It never sees another document. At the end, ``flush_to_memory``
+moves the sinks and the local window into the sink too, so every token of the document lies in
+exactly one block.
 
 Token spans are assigned here from the order blocks arrive (evicted blocks are consecutive from the
 first non-sink token; the flush adds the sink block, then the rest of the window), so they do not
@@ -21,6 +23,7 @@ import torch
 from memllm.attention import block_layout
 from memllm.memory.source import InMemorySource
 from memllm.memory.types import BlockLayout, MemoryBlock
+from memllm.settings import ingest_overrides
 
 
 class CollectingSink(InMemorySource):
@@ -55,7 +58,7 @@ def encode_document(
     if not ids:
         raise ValueError("empty document")
     sink = CollectingSink(engine_layout(engine))
-    state = engine.new_state(mode="memory", sink=sink)
+    state = engine.new_state(mode="memory", sink=sink, **ingest_overrides(engine.memory_settings))
 
     def step(n: int) -> None:
         if progress is not None:

@@ -35,7 +35,7 @@ async def test_measure_times_every_part_on_the_same_tokens(tmp_path, kb_engine):
     rows = {r["document"]: r for r in result["documents"]}
     assert set(rows) == {"short", "long"}
     assert rows["long"]["tokens"] > kb_engine.model.config.max_positions
-    assert all(r[k] > 0 for r in rows.values() for k in ("ingest_s", "memory_read_s", "full_prefill_s"))
+    assert all(r[k] > 0 for r in rows.values() for k in ("ingest_s", "model_read_s", "full_prefill_s"))
     assert result["total"]["tokens"] == rows["short"]["tokens"] + rows["long"]["tokens"]
     table = table_rows(result)
     assert [t["document"] for t in table] == ["short", "long", "all"]
