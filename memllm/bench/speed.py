@@ -28,7 +28,8 @@ def _tokens(engine: Engine, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def ours(engine: Engine, ids: list[int], decode_tokens: int, mode: str) -> tuple[float, float]:
+def ours(engine: Engine, ids: list[int], decode_tokens: int, mode: str) -> tuple[float, float, int]:
+    """(prefill tok/s, decode tok/s, process RSS bytes with the state and its memory still alive)."""
     state = engine.new_state(mode)
     t0 = time.perf_counter()
     logits = engine.prefill(state, ids)
@@ -38,7 +39,7 @@ def ours(engine: Engine, ids: list[int], decode_tokens: int, mode: str) -> tuple
         token = torch.tensor([[int(torch.argmax(logits))]])
         logits = state.forward(engine.model, token, last_only=True)[0, -1]
     decode_s = time.perf_counter() - t0
-    return len(ids) / prefill_s, decode_tokens / decode_s
+    return len(ids) / prefill_s, decode_tokens / decode_s, psutil.Process().memory_info().rss
 
 
 @torch.inference_mode()
@@ -70,7 +71,7 @@ def run(
     for n in contexts:
         ids = _tokens(engine, n)
         ours(engine, ids[:64], 2, mode)  # warm-up
-        p_ours, d_ours = ours(engine, ids, decode_tokens, mode)
+        p_ours, d_ours, rss = ours(engine, ids, decode_tokens, mode)
         row = {"context": n, "mode": mode, "prefill_ours": p_ours, "decode_ours": d_ours}
         if hf is not None and n <= engine.model.config.max_positions:
             p_hf, d_hf = transformers_reference(hf, ids, decode_tokens)
@@ -81,7 +82,7 @@ def run(
                 "decode_ratio": d_ours / d_hf,
             }
         row["weight_GB_per_s"] = d_ours * weight_bytes / 1e9
-        row["rss_MB"] = psutil.Process().memory_info().rss / 1e6
+        row["rss_MB"] = rss / 1e6  # before the state is dropped (afterwards the allocator returns it)
         if mode == "memory":
             layout = block_layout(engine.model.config, engine.memory_settings)
             reps = layout.representatives * layout.search_dim * 4 * layout.n_layers / layout.block_size
