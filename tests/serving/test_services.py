@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,16 @@ async def test_a_chat_turn_left_early_is_cancelled_and_not_recorded(tiny_chat, t
         await store.close()
 
 
+def hold_until_queued(sched: Scheduler, n: int, timeout: float = 120.0) -> None:
+    """A scheduler task: keeps the model thread until ``n`` jobs wait in the queue, so that they are
+    admitted together (otherwise their submissions race with the service's own work before them)."""
+    deadline = time.monotonic() + timeout
+    while sched.stats().queued < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} jobs were not queued within {timeout} s")
+        time.sleep(0.002)
+
+
 async def _kb_answers(engine, root: Path, scheduled: bool) -> tuple[list, list[int]]:
     sizes: list[int] = []
     async with maybe_scheduler(engine, scheduled, sizes) as sched, service_at(root, engine, scheduler=sched) as svc:
@@ -118,7 +129,13 @@ async def _kb_answers(engine, root: Path, scheduled: bool) -> tuple[list, list[i
         await svc.ingest_texts("kb", [(f"p{i}.txt", p, {}) for i, p in enumerate(PARAGRAPHS)])
         questions = [("Who kept a ledger?", "memory"), ("When did the harbour freeze?", "hybrid"), ("Bread?", "rag")]
         asks = [svc.ask("kb", q, mode=m, max_tokens=8, restrict="none") for q, m in questions]
-        answers = await asyncio.gather(*asks) if scheduled else [await a for a in asks]
+        if scheduled:
+            gate = asyncio.ensure_future(sched.run(hold_until_queued, sched, len(asks)))
+            await asyncio.sleep(0)  # the gate is posted before any job
+            answers = await asyncio.gather(*asks)
+            await gate
+        else:
+            answers = [await a for a in asks]
         out = [(a.text, a.completion_tokens, a.finish_reason, [c.chunk_id for c in a.citations]) for a in answers]
         summary = await svc.summarize("kb", "p0.txt", max_tokens=6)
         return [*out, summary.text], sizes
@@ -130,5 +147,5 @@ async def test_knowledge_answers_batch_and_match_without_a_scheduler(tmp_path):
     with model_threads(engine.model) as threads:
         got, sizes = await _kb_answers(engine, tmp_path / "scheduled", scheduled=True)
     assert got == want
-    assert max(sizes) == 3
+    assert max(sizes) == 3  # the three answers decoded in one batch
     assert threads == {"memllm-model"}
