@@ -76,6 +76,7 @@ def retrieval_cmd(data, claims, limit, memory_docs, memory_queries, do_sweep, fu
 @eval_group.command("longdoc")
 @click.option("--data", default=None, help="an L-Eval .jsonl file [default: <eval data>/leval/quality.jsonl]")
 @click.option("--limit", type=int, default=1, show_default=True, help="first N documents (0 = all)")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="skip the first N documents")
 @click.option("--questions", type=int, default=5, show_default=True, help="questions per document (0 = all)")
 @click.option("--modes", default=",".join(("memory", "rag", "hybrid", "truncation")), show_default=True)
 @click.option("--max-chars", type=int, default=None, help="skip documents longer than this (quick runs)")
@@ -90,7 +91,7 @@ def retrieval_cmd(data, claims, limit, memory_docs, memory_queries, do_sweep, fu
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval-results/longdoc.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @_errors
-def longdoc_cmd(data, limit, questions, modes, max_chars, context, choice, out, as_json):
+def longdoc_cmd(data, limit, offset, questions, modes, max_chars, context, choice, out, as_json):
     """L-Eval long-document QA: memory, rag, hybrid and a truncation baseline."""
     from memllm.evals import longdoc
 
@@ -103,6 +104,7 @@ def longdoc_cmd(data, limit, questions, modes, max_chars, context, choice, out, 
         path,
         settings=_settings(),
         limit=limit or None,
+        offset=offset,
         questions=questions or None,
         modes=chosen,
         context=context,
@@ -114,6 +116,24 @@ def longdoc_cmd(data, limit, questions, modes, max_chars, context, choice, out, 
     click.echo(json.dumps(result, indent=2, default=str) if as_json else longdoc.print_result(result))
     if not as_json:
         click.echo(f"wrote {out}")
+
+
+@eval_group.command("longdoc-merge")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("eval-results/longdoc.json"), show_default=True)
+@_errors
+def longdoc_merge_cmd(results, out):
+    """Merge ``eval longdoc`` runs over disjoint documents of one file (e.g. ``--offset 0 --limit 9``
+    and ``--offset 9 --limit 0`` run side by side) into one result: the table over all questions."""
+    from memllm.evals import longdoc
+
+    try:
+        merged = longdoc.merge([json.loads(p.read_text()) for p in results])
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot merge: {exc}") from exc
+    write_json(out, merged)
+    click.echo(longdoc.print_result(merged))
+    click.echo(f"wrote {out}")
 
 
 __all__ = ["eval_group"]

@@ -24,6 +24,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,22 @@ MC_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option on
 OPEN_INSTRUCTION = "Answer the question with a short phrase from the document."
 
 
-def load_leval(path: Path, limit: int | None = None, max_chars: int | None = None) -> list[dict[str, Any]]:
-    """The first ``limit`` documents (of at most ``max_chars`` characters, when given), in file order."""
+def load_leval(
+    path: Path, limit: int | None = None, max_chars: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """``limit`` documents (of at most ``max_chars`` characters, when given) after the first
+    ``offset`` of them, in file order."""
     rows = []
+    kept = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
             row = json.loads(line)
             if max_chars and len(row["input"]) > max_chars:
+                continue
+            kept += 1
+            if kept <= offset:
                 continue
             rows.append(row)
             if limit and len(rows) >= limit:
@@ -110,6 +118,7 @@ async def evaluate(
     *,
     settings,
     limit: int | None = 1,
+    offset: int = 0,
     questions: int | None = 5,
     modes: tuple[str, ...] = MODES,
     context: int = 8192,
@@ -123,8 +132,7 @@ async def evaluate(
 
     if choice not in CHOICES:
         raise ValueError(f"unknown choice {choice!r}; choose one of {CHOICES}")
-    rows = load_leval(data, limit, max_chars)
-    per_mode: dict[str, list[float]] = {m: [] for m in modes}
+    rows = load_leval(data, limit, max_chars, offset)
     details = []
     t_start = time.perf_counter()
     ingest_tokens, ingest_s = 0, 0.0
@@ -132,7 +140,7 @@ async def evaluate(
         async with temporary_service(settings, Path(tmp), engine=engine) as svc:
             engine = svc.engine
             await svc.create_kb("longdoc")
-            for d, row in enumerate(rows):
+            for d, row in enumerate(rows, start=offset):
                 name = f"{data.stem}-{d}"
                 t0 = time.perf_counter()
                 res = await svc.ingest_text("longdoc", name, row["input"])
@@ -171,30 +179,73 @@ async def evaluate(
                             )
                             pred = ans.text
                         s = score(pred, gold, mc)
-                        per_mode[mode].append(s)
                         rec[mode] = {"answer": pred[:200], "score": s}
                     details.append(rec)
                     log("  " + "  ".join(f"{m}={rec[m]['score']:.2f}" for m in modes) + f"  | {q[:60]!r}")
     metric = "exact match" if rows and is_multiple_choice(rows[0], rows[0]["instructions"][0]) else "token F1"
-    table = [{"mode": m, "questions": len(v), metric: (sum(v) / len(v) if v else 0.0)} for m, v in per_mode.items()]
     return {
         "config": {
             "data": str(data),
             "max_chars": max_chars,
             "limit": limit,
+            "offset": offset,
             "questions": questions,
             "context": context,
             "choice": choice,
             "memory": dict(vars(settings.memory)) if hasattr(settings.memory, "__dict__") else str(settings.memory),
         },
         "metric": metric,
-        "rows": table,
+        "modes": list(modes),
+        "rows": score_table(details, modes, metric),
         "ingest": {
             "tokens": ingest_tokens,
             "seconds": ingest_s,
             "tokens_per_s": ingest_tokens / ingest_s if ingest_s else 0.0,
         },
         "seconds": time.perf_counter() - t_start,
+        "details": details,
+    }
+
+
+def score_table(details: list[dict[str, Any]], modes: Sequence[str], metric: str) -> list[dict[str, Any]]:
+    """One row per mode: the number of questions and the mean score under ``metric``."""
+    table = []
+    for m in modes:
+        scores = [d[m]["score"] for d in details if m in d]
+        table.append({"mode": m, "questions": len(scores), metric: sum(scores) / len(scores) if scores else 0.0})
+    return table
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs over disjoint document ranges of the same file (``--offset``/``--limit``
+    shards): details in document order, scores recomputed over all questions, ingestion summed.
+
+    Raises ``ValueError`` when the runs differ in data, modes or settings, or overlap in documents."""
+    if not results:
+        raise ValueError("nothing to merge")
+    same = ("data", "max_chars", "questions", "context", "choice", "memory")
+    first = results[0]
+    for r in results[1:]:
+        diff = [k for k in same if r["config"].get(k) != first["config"].get(k)]
+        if diff or r.get("modes") != first.get("modes") or r["metric"] != first["metric"]:
+            raise ValueError(f"the runs differ in {diff or ['modes or metric']}; only shards of one run merge")
+    docs = [{d["document"] for d in r["details"]} for r in results]
+    seen: set[int] = set()
+    for ds in docs:
+        if seen & ds:
+            raise ValueError(f"the runs overlap in documents {sorted(seen & ds)}")
+        seen |= ds
+    details = sorted((d for r in results for d in r["details"]), key=lambda d: d["document"])
+    tokens = sum(r["ingest"]["tokens"] for r in results)
+    seconds = sum(r["ingest"]["seconds"] for r in results)
+    config = {**first["config"], "limit": None, "offset": 0, "merged_from": [r["config"] for r in results]}
+    return {
+        "config": config,
+        "metric": first["metric"],
+        "modes": first["modes"],
+        "rows": score_table(details, first["modes"], first["metric"]),
+        "ingest": {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0},
+        "seconds": sum(r["seconds"] for r in results),
         "details": details,
     }
 
