@@ -75,3 +75,62 @@ async def test_longdoc_eval_constrains_multiple_choice_to_the_letters(tmp_path, 
     assert len(answers) == 2 * len(MODES) and all(a.upper() in LETTERS for a in answers), answers
     with pytest.raises(ValueError, match="unknown choice"):
         await evaluate(data, settings=settings, engine=kb_engine, choice="guess")
+
+
+def _shard(docs: dict[int, list[float]], **config) -> dict:
+    details = [
+        {"document": d, "memory": {"score": s}, "truncation": {"score": 1 - s}} for d, ss in docs.items() for s in ss
+    ]
+    cfg = {"data": "nq.jsonl", "max_chars": None, "questions": None, "context": 8192, "choice": "letters", "memory": {}}
+    return {
+        "config": {**cfg, **config},
+        "metric": "token F1",
+        "modes": ["memory", "truncation"],
+        "rows": [],
+        "ingest": {"tokens": 100 * len(docs), "seconds": 2.0, "tokens_per_s": 50.0},
+        "seconds": 10.0,
+        "details": details,
+    }
+
+
+def test_longdoc_shards_merge_into_one_table_over_all_questions():
+    from memllm.evals.longdoc import merge
+
+    merged = merge([_shard({2: [1.0, 0.0, 0.0]}, offset=2), _shard({0: [1.0], 1: [0.0, 0.0]}, offset=0)])
+    assert [d["document"] for d in merged["details"]] == [0, 1, 1, 2, 2, 2]
+    assert merged["rows"] == [
+        {"mode": "memory", "questions": 6, "token F1": pytest.approx(2 / 6)},
+        {"mode": "truncation", "questions": 6, "token F1": pytest.approx(4 / 6)},
+    ]
+    assert merged["ingest"] == {"tokens": 300, "seconds": 4.0, "tokens_per_s": 75.0}
+    with pytest.raises(ValueError, match="overlap in documents \\[1\\]"):
+        merge([_shard({1: [1.0]}), _shard({1: [0.0], 3: [1.0]})])
+    with pytest.raises(ValueError, match="differ in \\['context'\\]"):
+        merge([_shard({0: [1.0]}), _shard({1: [0.0]}, context=4096)])
+
+
+def test_leval_documents_after_an_offset(tmp_path):
+    from memllm.evals.longdoc import load_leval
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"input": "{"x" * n}"}}\n' for n in (5, 50, 6, 7, 8)))
+    lengths = [len(r["input"]) for r in load_leval(data, limit=2, max_chars=10, offset=1)]
+    assert lengths == [6, 7]  # the long document is filtered out before the offset counts
+    assert load_leval(data, offset=9) == []
+
+
+def test_longdoc_merge_command(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from memllm.evals.cli import eval_group
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
+    a.write_text(json.dumps(_shard({0: [1.0, 1.0]})))
+    b.write_text(json.dumps(_shard({1: [0.0, 1.0]})))
+    res = CliRunner().invoke(eval_group, ["longdoc-merge", str(a), str(b), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "0.75" in res.output and json.loads(out.read_text())["rows"][0]["questions"] == 4
+    res = CliRunner().invoke(eval_group, ["longdoc-merge", str(a), str(a), "--out", str(out)])
+    assert res.exit_code == 1 and "cannot merge: the runs overlap in documents [0]" in res.output
