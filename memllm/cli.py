@@ -216,13 +216,14 @@ def bench_ppl(text_path, tokens, modes, no_hf, out, **memory) -> None:
 @click.option("--length", default="16k", show_default=True)
 @click.option("--depth", default=0.5, show_default=True)
 @click.option("--filler", type=click.Choice(["grass", "essays"]), default="grass", show_default=True)
+@click.option("--key", type=click.IntRange(10000, 99999), default=51234, show_default=True, help="the 5-digit pass key")
 @friendly_errors
-def bench_needle_rank(length: str, depth: float, filler: str) -> None:
+def bench_needle_rank(length: str, depth: float, filler: str, key: int) -> None:
     """Rank of the passkey's block at every layer under each retrieval scoring (offline, no generation)."""
     from memllm.bench.common import parse_sizes
     from memllm.bench.needle_rank import needle_ranks, print_rows
 
-    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler))
+    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler, key))
 
 
 @bench.command("patterns")
