@@ -3,16 +3,17 @@
 Rows are the truth: a :class:`ChunkIndex` holds the chunks of the KB's ``ready`` documents as of
 its last :meth:`ChunkIndexCache.get`, which compares a cheap fingerprint (chunk count, largest
 chunk id: ids are never reused) with the database before every search, so a deleted or replaced
-document's chunks can never be returned. Embeddings are derived data, cached in
-``<data_dir>/knowledge/kb-<id>/embeddings.npz`` keyed by chunk id (written atomically; a missing
-or stale cache is recomputed from the chunk texts).
+document's chunks can never be returned. Embeddings are derived data, cached by chunk id under
+``<data_dir>/knowledge/kb-<id>/embeddings/`` (:mod:`memllm.knowledge.embedding_cache`: one small
+part per ingested document, merged in the background of later writes; a missing or stale entry
+is recomputed from the chunk's text).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from memllm.knowledge.embedding_cache import EmbeddingCache
 from memllm.knowledge.embeddings import Embedder
 from memllm.knowledge.ranking import HybridIndex
 from storage.models import Chunk, Document
@@ -83,8 +85,17 @@ class ChunkIndexCache:
         self._indexes: dict[int, ChunkIndex] = {}
         self._lock = asyncio.Lock()
 
-    def cache_path(self, kb_id: int) -> Path:
-        return self.data_dir / "knowledge" / f"kb-{kb_id}" / "embeddings.npz"
+    def embedding_cache(self, kb_id: int) -> EmbeddingCache:
+        folder = self.data_dir / "knowledge" / f"kb-{kb_id}"
+        # embeddings.npz: the single-file cache of earlier versions, still read until replaced
+        return EmbeddingCache(folder / "embeddings", self.embedder.dim, legacy_file=folder / "embeddings.npz")
+
+    def delete_cache(self, kb_id: int) -> None:
+        """Forget a knowledge base's index and its embedding cache (files and folder)."""
+        self.forget(kb_id)
+        self.embedding_cache(kb_id).delete()
+        with contextlib.suppress(OSError):
+            (self.data_dir / "knowledge" / f"kb-{kb_id}").rmdir()
 
     def forget(self, kb_id: int) -> None:
         self._indexes.pop(kb_id, None)
@@ -108,35 +119,14 @@ class ChunkIndexCache:
             return index
 
     def store_embeddings(self, kb_id: int, chunk_ids: list[int], vecs: np.ndarray) -> None:
-        """Add freshly computed embeddings to the cache file (after their rows committed)."""
-        ids, old = self._load(kb_id)
-        keep = ~np.isin(ids, chunk_ids)
-        self._save(
-            kb_id, np.concatenate([ids[keep], np.asarray(chunk_ids, np.int64)]), np.concatenate([old[keep], vecs])
-        )
-
-    def _load(self, kb_id: int) -> tuple[np.ndarray, np.ndarray]:
-        path = self.cache_path(kb_id)
-        if path.is_file():
-            try:
-                with np.load(path) as z:
-                    ids, vecs = z["ids"].astype(np.int64), z["vecs"].astype(np.float32)
-                if len(ids) == len(vecs) and ((vecs.ndim == 2 and vecs.shape[1] == self.embedder.dim) or not len(ids)):
-                    return ids, vecs.reshape(len(ids), self.embedder.dim)
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("kb-%d: unreadable embedding cache %s (%s); recomputing", kb_id, path, exc)
-        return np.zeros(0, np.int64), np.zeros((0, self.embedder.dim), np.float32)
-
-    def _save(self, kb_id: int, ids: np.ndarray, vecs: np.ndarray) -> None:
-        path = self.cache_path(kb_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"embeddings.tmp-{os.getpid()}.npz")
-        np.savez(tmp, ids=ids, vecs=vecs)
-        os.replace(tmp, path)
+        """Add freshly computed embeddings to the cache (after their rows committed); blocking file
+        work, so call it off the event loop."""
+        self.embedding_cache(kb_id).append(chunk_ids, vecs)
 
     def _embeddings(self, kb_id: int, refs: list[ChunkRef]) -> np.ndarray:
         """Embeddings of ``refs`` (cached ones reused, missing ones computed); prunes the cache."""
-        ids, vecs = self._load(kb_id)
+        cache = self.embedding_cache(kb_id)
+        ids, vecs = cache.load()
         pos = {int(i): j for j, i in enumerate(ids.tolist())}
         missing = [r for r in refs if r.chunk_id not in pos]
         if missing:
@@ -145,11 +135,7 @@ class ChunkIndexCache:
             for j, r in enumerate(missing):
                 pos[r.chunk_id] = len(vecs) + j
             vecs = np.concatenate([vecs, new]) if len(vecs) else new
-        if not refs:
-            if len(ids):
-                self._save(kb_id, np.zeros(0, np.int64), np.zeros((0, self.embedder.dim), np.float32))
-            return np.zeros((0, self.embedder.dim), np.float32)
-        out = vecs[[pos[r.chunk_id] for r in refs]]
+        out = vecs[[pos[r.chunk_id] for r in refs]] if refs else np.zeros((0, self.embedder.dim), np.float32)
         if missing or len(ids) != len(refs):
-            self._save(kb_id, np.array([r.chunk_id for r in refs], np.int64), out)
+            cache.replace(np.array([r.chunk_id for r in refs], np.int64), out)
         return out

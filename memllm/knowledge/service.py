@@ -442,11 +442,7 @@ class KnowledgeService:
         except NotFoundError:
             return False
         gone = await self.store.delete_owner(Owner.kb(kb.id))
-        self.chunks.forget(kb.id)
-        cache = self.chunks.cache_path(kb.id)
-        cache.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            cache.parent.rmdir()
+        self.chunks.delete_cache(kb.id)
         return gone
 
     async def list_documents(self, kb: str | int, status: str | None = None) -> list[Document]:
@@ -569,7 +565,7 @@ class KnowledgeService:
                 rows = await w.chunks.add_many(doc.id, [c.as_row() for c in chunks])
                 chunk_ids = [rows[i].id if i is not None else None for i in owner_map]
                 await w.add_blocks(blocks, document_id=doc.id, chunk_ids=chunk_ids)
-            self.chunks.store_embeddings(kb_row.id, [r.id for r in rows], vecs)
+            await asyncio.to_thread(self.chunks.store_embeddings, kb_row.id, [r.id for r in rows], vecs)
             result.status, result.document_id = "ready", doc.id
             result.replaced_id = old.id if old is not None else None
             result.tokens, result.chunks, result.blocks = len(ids), len(chunks), len(blocks)

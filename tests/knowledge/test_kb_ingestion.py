@@ -242,9 +242,10 @@ async def test_json_lines_become_documents_and_kb_lifecycle(svc, tmp_path):
     with pytest.raises(KnowledgeError):
         await svc.create_kb("kb")
     kb = await svc.get_kb("kb")
-    assert svc.chunks.cache_path(kb.id).is_file()
+    assert svc.chunks.embedding_cache(kb.id).exists()
     assert await svc.delete_kb("kb")
-    assert not svc.chunks.cache_path(kb.id).exists()
+    assert not svc.chunks.embedding_cache(kb.id).exists()
+    assert not (svc.store.data_dir / "knowledge" / f"kb-{kb.id}").exists()
     assert not (svc.store.data_dir / "memory" / f"kb-{kb.id}").exists()
     assert await svc.list_kbs() == []
     assert await count(svc, MemoryBlockRow) == 0 and await count(svc, Chunk) == 0
