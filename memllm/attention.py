@@ -397,7 +397,9 @@ class StreamingAttention:
         """
         rows, kv, vectors = per_head_rows(q, self.cfg.n_kv_heads, self.mem.asking_tokens)
         scores, ids = self.memory.search(layer, rows.numpy(), self.top_k[layer])
-        keys = self.buf.raw[layer, 0, :, : self.buf.length]  # (Hkv, n, D) sinks + local, a sample of keys
+        # (Hkv, n, D) sinks + local + the tokens read now, a sample of keys; without the tokens read
+        # now, a fresh state's first chunk (a knowledge-base question) had none: NaN scores, nothing retrieved
+        keys = self.buf.raw[layer, 0, :, : self.buf.length + self._pending]
         mean, cov = key_statistics(keys)
         z = zscores(torch.from_numpy(scores), vectors, kv, mean, cov)
         return z.numpy(), ids

@@ -202,6 +202,24 @@ def test_retrieval_returns_the_block_holding_a_planted_key(tiny, ivf_threshold):
     assert view.fetch(layout.layers[0], ids[0]).keys.shape[0] == 2
 
 
+@pytest.mark.parametrize("retrieval", ["mean", "last", "heads"])
+def test_a_fresh_states_first_chunk_retrieves_from_a_prefilled_source(tiny, retrieval):
+    """A knowledge-base question: a new state whose memory already holds blocks retrieves them while
+    it reads its very first chunk, under every scoring (``heads`` used to z-score against an empty
+    sample of local keys: NaN scores, nothing retrieved)."""
+    layout = block_layout(tiny.config, SMALL)
+    rng = np.random.default_rng(7)
+    source = InMemorySource(layout)
+    for i in range(10):
+        source.add(_random_block(layout, rng, i * layout.block_size))
+    state = StreamingAttention(tiny.config, tiny.rope, SMALL, memory=source, retrieval=retrieval, trace=True)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(8))
+    out = _read(tiny, state, ids, 16)
+    assert torch.isfinite(out).all()
+    assert {layer: len(r.ids) for layer, r in state._retrieved.items()} == dict.fromkeys(layout.layers, SMALL.top_k)
+    assert sum(state.trace.mass.values()) > 0
+
+
 @pytest.mark.parametrize("n_blocks", [5, 300])
 def test_block_index_search_returns_each_blocks_best_score_best_first(n_blocks):
     """Against brute force: distinct block ids ranked by their best representative's inner product,
@@ -268,4 +286,3 @@ def test_per_head_rows_score_one_head_at_a_time():
     assert typical.abs().mean() < 1.5
     planted = zscores((vectors * vectors).sum(-1, keepdim=True) * 3, vectors, kv, mean, cov)
     assert (planted > 3).all()
-
