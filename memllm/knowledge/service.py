@@ -1084,9 +1084,13 @@ def _progress_bars(progress: bool | ProgressFn, n_docs: int, approx_tokens: int)
     toks = tqdm(total=max(approx_tokens, 1), desc="tokens", unit="tok", unit_scale=True, position=1)
     counts = defaultdict(int)
 
+    def show(current: str = "") -> None:  # one postfix: "ready=3, error=1 | reading notes.md"
+        done = ", ".join(f"{k}={v}" for k, v in counts.items())
+        docs.set_postfix_str(" | ".join(x for x in (done, f"reading {current[-40:]}" if current else "") if x))
+
     def emit(event: str, info: dict[str, Any]) -> None:
         if event == "start":
-            docs.set_postfix_str(str(info["source"])[-40:])
+            show(str(info["source"]))
         elif event == "tokens":
             if toks.n + info["n"] > toks.total:
                 toks.total = toks.n + info["n"]
@@ -1095,7 +1099,7 @@ def _progress_bars(progress: bool | ProgressFn, n_docs: int, approx_tokens: int)
             res = info["result"]
             counts[res.status] += 1
             docs.update(1)
-            docs.set_postfix({k: v for k, v in counts.items()})
+            show()
             if res.status == "error":
                 tqdm.write(f"skipped {res.source_name}: {res.error}")
 

@@ -249,3 +249,19 @@ async def test_json_lines_become_documents_and_kb_lifecycle(svc, tmp_path):
     assert not (svc.store.data_dir / "memory" / f"kb-{kb.id}").exists()
     assert await svc.list_kbs() == []
     assert await count(svc, MemoryBlockRow) == 0 and await count(svc, Chunk) == 0
+
+
+def test_progress_bars_show_counts_and_the_document_being_read(capsys):
+    from types import SimpleNamespace
+
+    from memllm.knowledge.service import _progress_bars
+
+    with _progress_bars(True, 2, 100) as emit:
+        emit("start", {"source": "a.txt", "tokens": 40})
+        emit("tokens", {"source": "a.txt", "n": 40})
+        emit("done", {"result": SimpleNamespace(status="ready", source_name="a.txt", error=None)})
+        emit("start", {"source": "b.bin", "tokens": 0})
+        emit("done", {"result": SimpleNamespace(status="error", source_name="b.bin", error="b.bin: binary file")})
+    out, err = capsys.readouterr()
+    assert "reading a.txt" in err and "ready=1 | reading b.bin" in err and "ready=1, error=1" in err
+    assert "skipped b.bin: b.bin: binary file" in out + err
