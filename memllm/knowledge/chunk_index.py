@@ -5,7 +5,7 @@ its last :meth:`ChunkIndexCache.get`, which compares a cheap fingerprint (chunk 
 chunk id: ids are never reused) with the database before every search, so a deleted or replaced
 document's chunks can never be returned. Embeddings are derived data, cached by chunk id under
 ``<data_dir>/knowledge/kb-<id>/embeddings/`` (:mod:`memllm.knowledge.embedding_cache`: one small
-part per ingested document, merged in the background of later writes; a missing or stale entry
+part per ingested document, merged during later appends; a missing or stale entry
 is recomputed from the chunk's text).
 """
 

@@ -17,7 +17,7 @@ def vectors(ids: list[int]) -> np.ndarray:
     return np.array([[i + d / 10 for d in range(DIM)] for i in ids], np.float32)
 
 
-def test_appends_load_back_in_order_with_few_parts(tmp_path):
+def test_appends_load_back_every_vector_with_few_parts(tmp_path):
     cache = EmbeddingCache(tmp_path / "emb", DIM)
     assert not cache.exists()
     ids_all: list[int] = []
