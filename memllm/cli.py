@@ -256,13 +256,14 @@ def _register_extensions() -> None:
     from memllm.bench.serve import bench_serve
     from memllm.chat.cli import chat, sessions
     from memllm.evals.cli import eval_group
-    from memllm.evals.conversations import conversations_command
+    from memllm.evals.conversations import conversations_command, conversations_merge_command
     from memllm.knowledge.cli import ask, ingest, kb, search, summarize
     from storage.cli import bench_storage, db
 
     for command in (db, chat, sessions, kb, ingest, ask, search, summarize, eval_group, serve, keys):
         cli.add_command(command)
     eval_group.add_command(conversations_command)
+    eval_group.add_command(conversations_merge_command)
     bench.add_command(bench_storage)
     bench.add_command(chat_latency)
     bench.add_command(bench_serve)

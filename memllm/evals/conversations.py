@@ -24,6 +24,7 @@ original algorithm; the official script uses NLTK's variant, which differs on a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -111,12 +112,12 @@ def select_conversations(convs: Sequence[LocomoConversation], sample_ids: str | 
     return [c for c in convs if c.sample_id in wanted]
 
 
-def pick_questions(qa: Sequence[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
-    """All questions, or ``limit`` of them spread evenly over the list (so every category shows up)."""
-    if limit is None or limit >= len(qa):
-        return list(qa)
-    step = len(qa) / limit
-    return [qa[int(i * step)] for i in range(limit)]
+def pick_question_indices(n: int, limit: int | None) -> list[int]:
+    """All ``n`` question indices, or ``limit`` of them spread evenly (so every category shows up)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    step = n / limit
+    return [int(i * step) for i in range(limit)]
 
 
 def limit_sessions(conv: LocomoConversation, k: int) -> LocomoConversation:
@@ -229,7 +230,17 @@ class RunConfig:
     seed: int = 0
 
 
+QuestionKey = tuple[str, int]  # (sample_id, index of the question in the conversation's qa list)
+
+
+def record_key(record: dict[str, Any]) -> QuestionKey:
+    return (str(record["sample_id"]), int(record["index"]))
+
+
 class ConversationEval:
+    """Runs the modes question by question, so that every finished question can be saved at once
+    (``on_record``) and a later run can skip the questions already answered (``done``)."""
+
     def __init__(self, engine, config: RunConfig, log=print, progress: bool = True) -> None:
         self.engine = engine
         self.config = config
@@ -239,78 +250,88 @@ class ConversationEval:
         self.truncation_tokens = config.truncation_tokens or (mem.sinks + mem.window)
         self._retriever_embedder = None
 
-    async def run(self, conversations: Sequence[LocomoConversation]) -> dict[str, Any]:
+    async def run(
+        self,
+        conversations: Sequence[LocomoConversation],
+        done: Sequence[dict[str, Any]] = (),
+        on_record=None,
+        timing: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Answer every selected question in every mode. ``done``: records of an earlier run of the
+        same settings, kept as they are; ``on_record(records, timing)`` is called after each question
+        with every record so far (``done`` first); ``timing`` carries an earlier run's seconds on."""
         from memllm.sampling import SamplingParams
 
         self.params = SamplingParams(max_tokens=self.config.max_answer_tokens, stop=("\n",))
-        records: list[dict[str, Any]] = []
-        timing: dict[str, float] = defaultdict(float)
+        records: list[dict[str, Any]] = list(done)
+        known = {record_key(r) for r in records}
+        timing = defaultdict(float, timing or {})
         for conv in conversations[: self.config.limit_conversations]:
-            records += await self._conversation(conv, timing)
-        return {
-            "modes": {m: summarize([r | {"score": r["scores"][m]} for r in records]) for m in self.config.modes},
-            "timing_s": dict(timing),
-            "questions": records,
-        }
+            await self._conversation(conv, known, records, timing, on_record)
+        return result_payload(records, self.config.modes, dict(timing))
 
-    async def _conversation(self, conv: LocomoConversation, timing: dict[str, float]) -> list[dict[str, Any]]:
+    async def _conversation(self, conv, known, records, timing, on_record) -> None:
         cfg = self.config
         if cfg.limit_sessions is not None:
             conv = limit_sessions(conv, cfg.limit_sessions)
-        questions = pick_questions(conv.qa, cfg.limit_questions)
-        rng = random.Random(cfg.seed)
-        asked = [question_text(q, rng) for q in questions]
-        records = [
-            {
-                "sample_id": conv.sample_id,
-                "question": q["question"],
-                "category": int(q["category"]),
-                "gold": q.get("answer", q.get("adversarial_answer")),
-                "predictions": {},
-                "scores": {},
-            }
-            for q in questions
-        ]
-        self.log(f"{conv.sample_id}: {len(conv.sessions)} sessions, {len(questions)} questions")
-        turns = _past_turns(conv)
-        retriever = None
-        if {"retrieval", "hybrid"} & set(cfg.modes):
-            from memllm.chat.baselines import TurnRetriever
+        picked = pick_question_indices(len(conv.qa), cfg.limit_questions)
+        pending = [i for i in picked if (conv.sample_id, i) not in known]
+        self.log(
+            f"{conv.sample_id}: {len(conv.sessions)} sessions, {len(picked)} questions"
+            + (f" ({len(picked) - len(pending)} already answered)" if len(pending) < len(picked) else "")
+        )
+        if not pending:
+            return
+        asked = {i: question_text(conv.qa[i], question_rng(cfg.seed, conv.sample_id, i)) for i in pending}
+        answerers = {}
+        contexts: dict[int, str] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            if {"retrieval", "hybrid"} & set(cfg.modes):
+                contexts = self._retrieval_contexts(conv, pending, timing)
+            if {"memory", "hybrid"} & set(cfg.modes):
+                service, session_id = await stack.enter_async_context(self._memory_session(conv, timing))
+                for mode in ("memory", "hybrid"):
+                    if mode in cfg.modes:
+                        answerers[mode] = self._memory_answerer(
+                            service, session_id, mode, contexts if mode == "hybrid" else None
+                        )
+            if "truncation" in cfg.modes:
+                answerers["truncation"] = self._truncation_answerer(conv, timing)
+            if "retrieval" in cfg.modes:
+                answerers["retrieval"] = lambda i, text: self._answer_fresh(f"{contexts[i]}\n\n{text}")
+            for i in self._progress(pending, conv.sample_id):
+                qa = conv.qa[i]
+                text, key = asked[i]
+                category = int(qa["category"])
+                gold = qa.get("answer", qa.get("adversarial_answer"))
+                record = {
+                    "sample_id": conv.sample_id,
+                    "index": i,
+                    "question": qa["question"],
+                    "category": category,
+                    "gold": gold,
+                    "predictions": {},
+                    "scores": {},
+                }
+                for mode in cfg.modes:
+                    t0 = time.perf_counter()
+                    answer = answerers[mode](i, text)
+                    if asyncio.iscoroutine(answer):
+                        answer = await answer
+                    timing[f"{mode}_questions"] += time.perf_counter() - t0
+                    resolved = resolve_option(answer, key)
+                    record["predictions"][mode] = resolved
+                    record["scores"][mode] = score_answer(category, resolved, gold if category != 5 else "")
+                records.append(record)
+                known.add(record_key(record))
+                if on_record is not None:
+                    on_record(records, dict(timing))
 
-            t0 = time.perf_counter()
-            retriever = TurnRetriever(turns, embedder=self._embedder())
-            timing["index_turns"] += time.perf_counter() - t0
-        contexts = {}
-        if retriever is not None:
-            count = lambda s: len(self.engine.encode(s))  # noqa: E731
-            for i, q in enumerate(questions):
-                contexts[i] = retriever.context(str(q["question"]), count, cfg.retrieval_budget, cfg.retrieval_k)
-
-        def record(mode: str, i: int, answer: str) -> None:
-            _text, key = asked[i]
-            resolved = resolve_option(answer, key)
-            r = records[i]
-            r["predictions"][mode] = resolved
-            r["scores"][mode] = score_answer(r["category"], resolved, r["gold"] if r["category"] != 5 else "")
-
-        if {"memory", "hybrid"} & set(cfg.modes):
-            await self._memory_modes(conv, asked, contexts, record, timing)
-        if "truncation" in cfg.modes:
-            self._truncation(conv, asked, record, timing)
-        if "retrieval" in cfg.modes:
-            t0 = time.perf_counter()
-            for i, (text, _) in self._questions(asked, conv.sample_id, "retrieval"):
-                answer = self._answer_fresh(f"{contexts[i]}\n\n{text}")
-                record("retrieval", i, answer)
-            timing["retrieval_questions"] += time.perf_counter() - t0
-        return records
-
-    def _questions(self, asked, sample_id: str, mode: str):
-        """The asked questions with their index, under a progress bar (stderr) when enabled."""
+    def _progress(self, indices: list[int], sample_id: str):
+        """The questions under a progress bar (stderr) when enabled."""
         from tqdm import tqdm
 
-        desc = f"{sample_id} {mode}"
-        return tqdm(list(enumerate(asked)), desc=desc, unit="q", disable=not self.progress, leave=False)
+        return tqdm(indices, desc=sample_id, unit="q", disable=not self.progress, leave=False)
 
     def _embedder(self):
         if self._retriever_embedder is None:
@@ -319,7 +340,24 @@ class ConversationEval:
             self._retriever_embedder = Embedder()
         return self._retriever_embedder
 
-    async def _memory_modes(self, conv, asked, contexts, record, timing) -> None:
+    def _retrieval_contexts(self, conv, indices: list[int], timing) -> dict[int, str]:
+        """The past turns pasted for each question (embeddings + BM25 over the conversation's turns)."""
+        from memllm.chat.baselines import TurnRetriever
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        retriever = TurnRetriever(_past_turns(conv), embedder=self._embedder())
+        count = lambda s: len(self.engine.encode(s))  # noqa: E731
+        contexts = {
+            i: retriever.context(str(conv.qa[i]["question"]), count, cfg.retrieval_budget, cfg.retrieval_k)
+            for i in indices
+        }
+        timing["index_turns"] += time.perf_counter() - t0
+        return contexts
+
+    @contextlib.asynccontextmanager
+    async def _memory_session(self, conv, timing):
+        """A chat session (temporary SQLite store) that has read the whole conversation."""
         from memllm.chat.service import ChatService
         from storage.store import MemoryStore
 
@@ -342,19 +380,20 @@ class ConversationEval:
                 dt = time.perf_counter() - t0
                 timing["memory_read"] += dt
                 self.log(f"  read {n_tokens} tokens into the session in {dt:.0f} s ({n_tokens / dt:.0f} tok/s)")
-                for mode in ("memory", "hybrid"):
-                    if mode not in self.config.modes:
-                        continue
-                    t0 = time.perf_counter()
-                    for i, (text, _) in self._questions(asked, conv.sample_id, mode):
-                        prompt = text if mode == "memory" else f"{contexts[i]}\n\n{text}"
-                        result = await service.reply(info.id, prompt, self.params, ephemeral=True)
-                        record(mode, i, result.text)
-                    timing[f"{mode}_questions"] += time.perf_counter() - t0
+                yield service, info.id
             finally:
                 await store.close()
 
-    def _truncation(self, conv, asked, record, timing) -> None:
+    def _memory_answerer(self, service, session_id: int, mode: str, contexts: dict[int, str] | None):
+        async def answer(i: int, text: str) -> str:
+            prompt = text if contexts is None else f"{contexts[i]}\n\n{text}"
+            result = await service.reply(session_id, prompt, self.params, ephemeral=True)
+            return result.text
+
+        return answer
+
+    def _truncation_answerer(self, conv, timing):
+        """Full attention over the last N tokens of the history, read once; each question forks it."""
         from memllm.chat.baselines import last_tokens
         from memllm.chat.state import fork_state
         from memllm.conversation import ChatTemplate, generate_reply
@@ -369,15 +408,16 @@ class ConversationEval:
         state = engine.new_state("full")
         engine.prefill(state, engine.encode(template.delta([], first)))
         timing["truncation_read"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i, (text, _) in self._questions(asked, conv.sample_id, "truncation"):
+
+        def answer(_i: int, text: str) -> str:
             fork = fork_state(engine, state, sink=None, extra_sources=[])
             ids = engine.encode(template.delta([first], {"role": "user", "content": text}, True))
             stream = TextStream(tok, self.params.stop)
             for _ in generate_reply(engine, fork, ids, self.params, stream, []):
                 pass
-            record("truncation", i, stream.text)
-        timing["truncation_questions"] += time.perf_counter() - t0
+            return stream.text
+
+        return answer
 
     def _answer_fresh(self, prompt: str) -> str:
         from memllm.conversation import generate_reply
@@ -389,6 +429,66 @@ class ConversationEval:
         for _ in generate_reply(engine, engine.new_state("full"), ids, self.params, stream, []):
             pass
         return stream.text
+
+
+def question_rng(seed: int, sample_id: str, index: int) -> random.Random:
+    """The generator that orders one question's two options: its own, so that any subset of the
+    questions (a limit, a resumed run, a shard) asks each question exactly as the whole run does."""
+    return random.Random(f"{seed}:{sample_id}:{index}")
+
+
+def result_payload(records: Sequence[dict[str, Any]], modes: Sequence[str], timing: dict[str, float]) -> dict[str, Any]:
+    """Per-mode summaries over ``records`` (each scored in every mode), with the records themselves."""
+    return {
+        "modes": {m: summarize([r | {"score": r["scores"][m]} for r in records]) for m in modes},
+        "timing_s": dict(timing),
+        "questions": list(records),
+    }
+
+
+# The parts of a result that decide how questions are answered: runs that agree on them may be
+# resumed or merged (the question selection -- limits, conversations -- may differ).
+SAME_SETTINGS = ("data", "model", "memory", "retrieval")
+SAME_CONFIG = ("limit_sessions", "max_answer_tokens", "retrieval_budget", "truncation_tokens")
+
+
+def settings_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Names of the settings under which two results' answers are not comparable (empty: they are)."""
+    diff = [k for k in SAME_SETTINGS if a.get(k) != b.get(k)]
+    diff += [k for k in SAME_CONFIG if a.get("config", {}).get(k) != b.get("config", {}).get(k)]
+    if list(a.get("modes", {})) != list(b.get("modes", {})):
+        diff.append("modes")
+    return diff
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same settings over disjoint questions (e.g. one process per
+    group of conversations): records concatenated, summaries recomputed, seconds summed.
+
+    Raises ``ValueError`` when the settings differ or a question appears twice."""
+    if not results:
+        raise ValueError("nothing to merge")
+    first = results[0]
+    for r in results[1:]:
+        diff = settings_mismatch(first, r)
+        if diff:
+            raise ValueError(f"the runs differ in {', '.join(diff)}; only runs of the same settings merge")
+    records = [q for r in results for q in r["questions"]]
+    seen: set[QuestionKey] = set()
+    for q in records:
+        key = record_key(q)
+        if key in seen:
+            raise ValueError(f"question {key[1]} of {key[0]} is in more than one run")
+        seen.add(key)
+    timing: dict[str, float] = defaultdict(float)
+    for r in results:
+        for k, v in r.get("timing_s", {}).items():
+            timing[k] += v
+    merged = {k: v for k, v in first.items() if k not in ("modes", "timing_s", "questions", "wall_s")}
+    merged.update(result_payload(records, list(first["modes"]), dict(timing)))
+    merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in results)
+    merged.setdefault("config", {})["conversations"] = list(dict.fromkeys(q["sample_id"] for q in records))
+    return merged
 
 
 def _past_turns(conv: LocomoConversation):
@@ -453,7 +553,18 @@ def format_report(result: dict[str, Any], modes: Sequence[str]) -> str:
 @click.option("--max-answer-tokens", default=24, show_default=True)
 @click.option("--truncation-tokens", type=int, default=None, help="history kept by truncation (default sinks+window)")
 @click.option("--retrieval-budget", default=768, show_default=True, help="tokens of pasted turns")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write results as JSON here")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="write results as JSON here, rewritten after every question (a valid partial result at any time)",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="keep the questions already answered in the --json file (same settings required) and answer the rest",
+)
 def conversations_command(
     data,
     modes,
@@ -465,9 +576,11 @@ def conversations_command(
     truncation_tokens,
     retrieval_budget,
     json_out,
+    resume,
 ) -> None:
     """Chat over long histories: LoCoMo F1 per category for memory, truncation, retrieval, hybrid."""
     from memllm.engine import Engine
+    from memllm.evals.common import write_json
     from memllm.loading import load_model
     from memllm.settings import get_settings
 
@@ -476,6 +589,8 @@ def conversations_command(
         data = settings.eval_data / "locomo" / "locomo5-dev.json"
     if not Path(data).exists():
         raise click.ClickException(f"evaluation data not found: {data} (pass --data or set MEMLLM_EVAL_DATA)")
+    if resume and json_out is None:
+        raise click.UsageError("--resume needs --json: the file whose answered questions are kept")
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     bad = [m for m in chosen if m not in MODES]
     if bad:
@@ -494,15 +609,13 @@ def conversations_command(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     engine = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
-    t0 = time.perf_counter()
     evaluation = ConversationEval(engine, config, log=lambda s: click.echo(s, err=True))
-    result = asyncio.run(evaluation.run(convs))
-    result.update(
-        data=str(data),
-        model=engine.loaded.name,
-        memory={k: getattr(settings.memory, k) for k in ("sinks", "window", "chunk", "block_size", "top_k")},
-        retrieval=settings.retrieval,
-        config={
+    header = {
+        "data": str(data),
+        "model": engine.loaded.name,
+        "memory": {k: getattr(settings.memory, k) for k in ("sinks", "window", "chunk", "block_size", "top_k")},
+        "retrieval": settings.retrieval,
+        "config": {
             k: getattr(config, k)
             for k in (
                 "limit_conversations",
@@ -512,14 +625,60 @@ def conversations_command(
                 "retrieval_budget",
             )
         }
-        | {
-            "truncation_tokens": evaluation.truncation_tokens,
-            "conversations": [c.sample_id for c in convs[:limit_conversations]],
-        },
-        wall_s=time.perf_counter() - t0,
-    )
+        | {"truncation_tokens": evaluation.truncation_tokens},
+    }
+    done, timing, wall_before = _resumed(json_out, header, chosen) if resume else ([], {}, 0.0)
+    t0 = time.perf_counter()
+
+    def payload(records, seconds) -> dict[str, Any]:
+        out = header | result_payload(records, chosen, seconds)
+        out["config"] = header["config"] | {"conversations": list(dict.fromkeys(r["sample_id"] for r in records))}
+        out["wall_s"] = wall_before + time.perf_counter() - t0
+        return out
+
+    def checkpoint(records, seconds) -> None:
+        write_json(json_out, payload(records, seconds))
+
+    result = asyncio.run(evaluation.run(convs, done=done, on_record=checkpoint if json_out else None, timing=timing))
+    result = payload(result["questions"], result["timing_s"])
     click.echo(format_report(result, chosen))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2, default=str))
+        write_json(json_out, result)
         click.echo(f"wrote {json_out}")
+
+
+def _resumed(path: Path, header: dict[str, Any], modes: Sequence[str]) -> tuple[list[dict], dict[str, float], float]:
+    """(records, seconds per phase, wall seconds) of an earlier run in ``path`` made with the same
+    settings; nothing when the file does not exist yet."""
+    if not path.exists():
+        return [], {}, 0.0
+    try:
+        earlier = json.loads(path.read_text())
+        records = earlier["questions"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"cannot resume from {path}: not a result of this command ({exc})") from None
+    diff = settings_mismatch(earlier, header | {"modes": dict.fromkeys(modes)})
+    if diff:
+        raise click.ClickException(
+            f"cannot resume from {path}: it was made with other {', '.join(diff)}; "
+            "use another --json file or the same settings"
+        )
+    click.echo(f"resuming {path}: {len(records)} questions already answered", err=True)
+    return records, earlier.get("timing_s", {}), float(earlier.get("wall_s", 0.0))
+
+
+@click.command("conversations-merge")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="the merged result (JSON)")
+def conversations_merge_command(results, out) -> None:
+    """Merge ``eval conversations --json`` runs of the same settings over different questions (e.g.
+    one process per group of conversations) into one result and print its table."""
+    from memllm.evals.common import write_json
+
+    try:
+        merged = merge_results([json.loads(p.read_text()) for p in results])
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot merge: {exc}") from None
+    write_json(out, merged)
+    click.echo(format_report(merged, list(merged["modes"])))
+    click.echo(f"wrote {out}")

@@ -15,12 +15,15 @@ from memllm.evals.conversations import (
     f1_score,
     limit_sessions,
     load_locomo,
+    merge_results,
     normalize_answer,
-    pick_questions,
+    pick_question_indices,
     question_text,
     resolve_option,
+    result_payload,
     score_answer,
     select_conversations,
+    settings_mismatch,
     summarize,
 )
 
@@ -78,8 +81,9 @@ def test_load_real_locomo_file():
     small = limit_sessions(c, 2)
     assert len(small.sessions) == 2 and 0 < len(small.qa) < len(c.qa)
     assert all(e.startswith(("D1:", "D2:")) for q in small.qa for e in q["evidence"])
-    picked = pick_questions(c.qa, 10)
-    assert len(picked) == 10 and picked[0] is c.qa[0] and len({q["category"] for q in picked}) >= 3
+    picked = pick_question_indices(len(c.qa), 10)
+    assert len(picked) == 10 and picked[0] == 0 and len({c.qa[i]["category"] for i in picked}) >= 3
+    assert pick_question_indices(3, None) == pick_question_indices(3, 5) == [0, 1, 2]
 
 
 def test_turn_retrieval_pastes_matching_turns_in_order():
@@ -96,16 +100,11 @@ def test_turn_retrieval_pastes_matching_turns_in_order():
     assert last_tokens("a b", enc, " ".join, 5) == "a b"
 
 
-async def test_every_mode_answers_every_question_of_a_small_conversation(tiny_chat):
-    """The whole run, end to end, on a tiny random model: a history long enough to leave the
-    window, every mode answering every question, scores summarised per category."""
-    from chat_helpers import SMALL_MEMORY
-
-    from memllm.engine import Engine
-    from memllm.evals.conversations import MODES, ConversationEval, LocomoConversation, LocomoSession, RunConfig
+def small_conversation():
+    from memllm.evals.conversations import LocomoConversation, LocomoSession
 
     turns = [{"speaker": "Ann" if i % 2 else "Bob", "text": f"Turn {i}: I visited town number {i}."} for i in range(24)]
-    conv = LocomoConversation(
+    return LocomoConversation(
         "tiny",
         [LocomoSession(1, "1 May 2023", turns[:12]), LocomoSession(2, "2 May 2023", turns[12:])],
         [
@@ -113,16 +112,117 @@ async def test_every_mode_answers_every_question_of_a_small_conversation(tiny_ch
             {"question": "What did Ann bake?", "adversarial_answer": "bread", "category": 5, "evidence": ["D2:3"]},
         ],
     )
+
+
+def small_eval(tiny_chat, **overrides):
+    from chat_helpers import SMALL_MEMORY
+
+    from memllm.engine import Engine
+    from memllm.evals.conversations import ConversationEval, RunConfig
+
     engine = Engine(tiny_chat, SMALL_MEMORY)
-    config = RunConfig(max_answer_tokens=3, retrieval_budget=64, truncation_tokens=64)
-    result = await ConversationEval(engine, config, log=lambda _: None, progress=False).run([conv])
+    config = RunConfig(max_answer_tokens=3, retrieval_budget=64, truncation_tokens=64, **overrides)
+    return engine, ConversationEval(engine, config, log=lambda _: None, progress=False)
+
+
+async def test_every_mode_answers_every_question_of_a_small_conversation(tiny_chat):
+    """The whole run, end to end, on a tiny random model: a history long enough to leave the
+    window, every mode answering every question, scores summarised per category."""
+    from memllm.evals.conversations import MODES
+
+    conv = small_conversation()
+    engine, evaluation = small_eval(tiny_chat)
+    result = await evaluation.run([conv])
     assert engine.memory_settings.window < sum(len(engine.encode(s.text())) for s in conv.sessions)
     assert [set(r["predictions"]) for r in result["questions"]] == [set(MODES)] * 2
+    assert [(r["sample_id"], r["index"]) for r in result["questions"]] == [("tiny", 0), ("tiny", 1)]
     for mode in MODES:
         summary = result["modes"][mode]
         assert summary["n"] == 2 and set(summary["by_category"]) == {"4", "5"}
         assert 0.0 <= summary["overall"] <= 1.0
     assert {"memory_read", "truncation_read"} <= set(result["timing_s"])
+
+
+async def test_a_resumed_run_answers_only_the_rest_as_the_whole_run_does(tiny_chat):
+    """An interrupted run (here: only the first question) resumed from its records answers only the
+    questions left, saves after each, and gives the records a whole run gives."""
+    conv = small_conversation()
+    _, first = small_eval(tiny_chat, limit_questions=1)
+    partial = (await first.run([conv]))["questions"]
+    assert [r["index"] for r in partial] == [0]
+
+    saved: list[list[int]] = []
+    _, rest = small_eval(tiny_chat)
+    resumed = await rest.run([conv], done=partial, on_record=lambda recs, _t: saved.append([r["index"] for r in recs]))
+    assert saved == [[0, 1]], "the first question was answered again, or the second not saved"
+    assert resumed["questions"][0] is partial[0]
+
+    _, whole = small_eval(tiny_chat)
+    everything = (await whole.run([conv]))["questions"]
+    strip = lambda recs: [{k: r[k] for k in ("index", "predictions", "scores")} for r in recs]  # noqa: E731
+    assert strip(resumed["questions"]) == strip(everything)
+
+    saved.clear()
+    again = await rest.run([conv], done=everything, on_record=lambda recs, _t: saved.append(recs))
+    assert saved == [] and again["modes"]["memory"]["n"] == 2, "a finished run must not read anything again"
+
+
+def _result(sample_id: str, scores: list[float], **settings) -> dict:
+    records = [
+        {"sample_id": sample_id, "index": i, "category": 4, "scores": {"memory": s}, "predictions": {"memory": "x"}}
+        for i, s in enumerate(scores)
+    ]
+    base = {"data": "d.json", "model": "m", "memory": {"top_k": 32}, "retrieval": "mean", "config": {}}
+    return base | settings | result_payload(records, ["memory"], {"memory_questions": 1.0})
+
+
+def test_merge_recomputes_the_summaries_and_refuses_overlaps_and_other_settings():
+    merged = merge_results([_result("a", [1.0, 0.0]), _result("b", [0.5])])
+    assert merged["modes"]["memory"]["n"] == 3 and merged["modes"]["memory"]["overall"] == pytest.approx(0.5)
+    assert merged["config"]["conversations"] == ["a", "b"] and merged["timing_s"] == {"memory_questions": 2.0}
+    with pytest.raises(ValueError, match="question 0 of a is in more than one run"):
+        merge_results([_result("a", [1.0]), _result("a", [0.0])])
+    with pytest.raises(ValueError, match="differ in memory"):
+        merge_results([_result("a", [1.0]), _result("b", [0.0], memory={"top_k": 8})])
+    assert settings_mismatch(_result("a", [1.0]), _result("b", [1.0], retrieval="heads")) == ["retrieval"]
+
+
+def test_cli_resume_refuses_a_file_of_other_settings(tmp_path):
+    from click.testing import CliRunner
+
+    from memllm.evals.conversations import conversations_command
+
+    runner = CliRunner()
+    usage = runner.invoke(conversations_command, ["--data", str(tmp_path / "none.json"), "--resume"])
+    assert usage.exit_code != 0
+    data = tmp_path / "locomo.json"
+    data.write_text("[]")
+    no_json = runner.invoke(conversations_command, ["--data", str(data), "--resume"])
+    assert no_json.exit_code == 2 and "--resume needs --json" in no_json.output
+
+
+def test_resume_keeps_the_records_of_the_same_settings_and_refuses_others(tmp_path):
+    import json
+
+    import click
+
+    from memllm.evals.conversations import _resumed
+
+    earlier = _result("a", [1.0, 0.0]) | {"wall_s": 5.0}
+    path = tmp_path / "run.json"
+    assert _resumed(path, earlier, ["memory"]) == ([], {}, 0.0)  # no file yet: a fresh start
+    path.write_text(json.dumps(earlier))
+    records, timing, wall = _resumed(
+        path, {k: earlier[k] for k in ("data", "model", "memory", "retrieval", "config")}, ["memory"]
+    )
+    assert [r["index"] for r in records] == [0, 1] and timing == {"memory_questions": 1.0} and wall == 5.0
+    with pytest.raises(click.ClickException, match="other memory"):
+        _resumed(path, earlier | {"memory": {"top_k": 8}}, ["memory"])
+    with pytest.raises(click.ClickException, match="other modes"):
+        _resumed(path, earlier, ["memory", "hybrid"])
+    path.write_text("{not json")
+    with pytest.raises(click.ClickException, match="not a result of this command"):
+        _resumed(path, earlier, ["memory"])
 
 
 def test_select_conversations_by_sample_id():
