@@ -225,8 +225,7 @@ class StreamingAttention:
                 f"{self.n_tokens + n_new} tokens exceed the model's {self.cfg.max_positions}-token context "
                 "in full attention mode; use the memory or window mode for longer inputs"
             )
-        if self.mode != "full":
-            self._evict_overflow()
+        self.evict_overflow()
         self.buf.reserve(self.buf.length + n_new)
         self._pending = n_new
         start = self.buf.length  # RoPE tables of the new slots, shared by every layer of this forward
@@ -249,8 +248,14 @@ class StreamingAttention:
     def n_sinks(self) -> int:
         return min(self.mem.sinks, self.n_tokens)
 
-    def _evict_overflow(self) -> None:
-        """Before reading new tokens, keep at most ``window`` local tokens (whole blocks leave)."""
+    @torch.inference_mode()
+    def evict_overflow(self) -> None:
+        """Keep at most ``window`` local tokens (whole blocks leave). Runs before every read; a
+        caller with idle time (a chat session after its reply) may run it earlier: the same blocks
+        leave either way, and the next read then starts without the shift and re-rotation.
+        Full attention keeps everything: a no-op there."""
+        if self.mode == "full":
+            return
         over = self.buf.length - self.n_sinks - self.mem.window
         if over > 0:
             self._evict_blocks(self.n_sinks, [self.mem.block_size] * -(-over // self.mem.block_size))

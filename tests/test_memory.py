@@ -68,6 +68,37 @@ def test_eviction_keeps_every_token_exactly_once(tiny):
     assert sorted(t for s, e in spans for t in range(s, e)) == list(range(n))
 
 
+@pytest.mark.parametrize("mode", ["memory", "window", "full"])
+def test_evicting_early_changes_nothing_but_when(tiny, mode):
+    """``evict_overflow`` between reads (a chat session after its reply) moves the blocks the next
+    read would move, and nothing else: the same logits, buffer and memory as evicting at the read."""
+    mem = dataclasses.replace(SMALL, mode=mode)
+    ids = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(4))
+    late, early = _state(tiny, mem), _state(tiny, mem)
+    want = _read(tiny, late, ids[:, :57], 19)
+    got = _read(tiny, early, ids[:, :57], 19)
+    before = early.evicted_blocks
+    early.evict_overflow()
+    if mode == "full":
+        assert early.buf.length == 57 and early.evicted_blocks == 0
+    else:
+        assert early.buf.length - early.n_sinks <= mem.window and early.evicted_blocks > before
+    want = torch.cat([want, _read(tiny, late, ids[:, 57:], 5)], 1)
+    got = torch.cat([got, _read(tiny, early, ids[:, 57:], 5)], 1)
+    assert torch.equal(got, want)
+    assert (early.buf.length, early.local_start, early.evicted_blocks) == (
+        late.buf.length,
+        late.local_start,
+        late.evicted_blocks,
+    )
+    n = late.buf.length
+    assert torch.equal(early.buf.rot[:, :, :, :n], late.buf.rot[:, :, :, :n])
+    if mode == "memory":
+        blocks = np.arange(late.sink.num_blocks())
+        assert early.sink.num_blocks() == len(blocks)
+        assert np.array_equal(early.sink.spans(blocks), late.sink.spans(blocks))
+
+
 def test_evicted_keys_are_stored_before_rope(tiny):
     """A memory block's keys equal the layer's pre-RoPE keys of those tokens."""
     ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(3))

@@ -484,7 +484,12 @@ class ChatService:
         first_local: int,
     ) -> list[int]:
         """Write the messages (message, stream ids, owed text, created_at) and the blocks that left
-        the window since ``first_local`` in one transaction; then advance the live cursor."""
+        the window since ``first_local`` in one transaction; then advance the live cursor.
+
+        The blocks that the next read would push out of the window leave now (the reply is already
+        out): they are committed with this turn, and the next turn's first token does not wait for
+        the buffer's shift."""
+        await self._model(live.state.evict_overflow)
         source = live.source
         pending = source.pending if source is not None else []
         blocks, pos = [], first_local

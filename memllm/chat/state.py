@@ -41,8 +41,11 @@ class DiscardSink:
 
 
 def first_local_position(state: StreamingAttention) -> int:
-    """True stream position of the first non-sink token the state still holds."""
-    return state.n_tokens - (state.buf.length - state.n_sinks)
+    """True stream position of the first non-sink token the state holds, or will hold: the start
+    of the next block to leave the window. Before the sinks are full that is ``sinks``, not the
+    number of tokens read (a session's first message longer than the window evicts blocks that
+    start there)."""
+    return state.local_start
 
 
 def shift_positions(state: StreamingAttention, tokens: int) -> None:

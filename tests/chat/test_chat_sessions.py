@@ -68,6 +68,37 @@ async def test_turns_commit_messages_and_blocks_together(service, store):
     live = service._live[info.id]
     assert live.state.n_tokens == info.token_count
     assert live.source.num_blocks() == len(blocks) and not live.source.pending
+    assert live.state.evicted_blocks == len(blocks)
+
+
+async def test_blocks_leave_the_window_with_the_commit_not_at_the_next_turn(service, store, tiny_chat):
+    """After a message is read (history import, a turn), the blocks that the next read would push
+    out of the window have already left and are committed: the next turn does not wait for them.
+    A first message longer than the window: its blocks start after the sinks (they used to be
+    recorded from position 0) and a restart rebuilds the same window."""
+    info = await service.create("carol")
+    text = " ".join(f"word{i}" for i in range(70))  # several chunks: the last one overfills the window
+    await service.append_messages(info.id, [{"role": "user", "content": text}])
+    live = service._live[info.id]
+    state = live.state
+    assert state.buf.length - state.n_sinks <= SMALL_MEMORY.window
+    msgs, blocks = await _rows(store, info.id)
+    assert state.evicted_blocks == len(blocks) > 0 and not live.source.pending
+    _check_stream(msgs, blocks, state.n_tokens)
+    evicted = state.evicted_blocks
+    rebuilt = (await make_service(tiny_chat, store)._get_live(info.id)).state
+    assert (rebuilt.n_tokens, rebuilt.buf.length, rebuilt.local_start, rebuilt.evicted_blocks) == (
+        state.n_tokens,
+        state.buf.length,
+        state.local_start,
+        state.evicted_blocks,
+    )
+    n = state.buf.length  # layer 0 keys depend only on the tokens: the same tokens in the same slots
+    assert torch.allclose(rebuilt.buf.raw[0, :, :, :n], state.buf.raw[0, :, :, :n], atol=1e-5)
+    await service.reply(info.id, "Hi", SamplingParams(max_tokens=1))
+    msgs, blocks = await _rows(store, info.id)
+    assert state.evicted_blocks == len(blocks) >= evicted
+    _check_stream(msgs, blocks, state.n_tokens)
 
 
 async def test_restart_rebuilds_the_same_window_without_duplicating_blocks(service, store, tiny_chat):
