@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import random
 import re
@@ -33,7 +34,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -448,7 +449,7 @@ def result_payload(records: Sequence[dict[str, Any]], modes: Sequence[str], timi
 
 # The parts of a result that decide how questions are answered: runs that agree on them may be
 # resumed or merged (the question selection -- limits, conversations -- may differ).
-SAME_SETTINGS = ("data", "model", "memory", "retrieval")
+SAME_SETTINGS = ("data_sha256", "model", "dtype", "memory", "retrieval")  # the data by content, not by path
 SAME_CONFIG = ("limit_sessions", "max_answer_tokens", "retrieval_budget", "truncation_tokens")
 
 
@@ -612,8 +613,10 @@ def conversations_command(
     evaluation = ConversationEval(engine, config, log=lambda s: click.echo(s, err=True))
     header = {
         "data": str(data),
+        "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
         "model": engine.loaded.name,
-        "memory": {k: getattr(settings.memory, k) for k in ("sinks", "window", "chunk", "block_size", "top_k")},
+        "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+        "memory": asdict(settings.memory),
         "retrieval": settings.retrieval,
         "config": {
             k: getattr(config, k)

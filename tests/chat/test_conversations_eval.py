@@ -172,7 +172,7 @@ def _result(sample_id: str, scores: list[float], **settings) -> dict:
         {"sample_id": sample_id, "index": i, "category": 4, "scores": {"memory": s}, "predictions": {"memory": "x"}}
         for i, s in enumerate(scores)
     ]
-    base = {"data": "d.json", "model": "m", "memory": {"top_k": 32}, "retrieval": "mean", "config": {}}
+    base = {"data_sha256": "ab12", "model": "m", "memory": {"top_k": 32}, "retrieval": "mean", "config": {}}
     return base | settings | result_payload(records, ["memory"], {"memory_questions": 1.0})
 
 
@@ -212,12 +212,13 @@ def test_resume_keeps_the_records_of_the_same_settings_and_refuses_others(tmp_pa
     path = tmp_path / "run.json"
     assert _resumed(path, earlier, ["memory"]) == ([], {}, 0.0)  # no file yet: a fresh start
     path.write_text(json.dumps(earlier))
-    records, timing, wall = _resumed(
-        path, {k: earlier[k] for k in ("data", "model", "memory", "retrieval", "config")}, ["memory"]
-    )
+    same = {k: earlier[k] for k in ("data_sha256", "model", "memory", "retrieval", "config")}
+    records, timing, wall = _resumed(path, same | {"data": "moved/elsewhere.json"}, ["memory"])
     assert [r["index"] for r in records] == [0, 1] and timing == {"memory_questions": 1.0} and wall == 5.0
     with pytest.raises(click.ClickException, match="other memory"):
         _resumed(path, earlier | {"memory": {"top_k": 8}}, ["memory"])
+    with pytest.raises(click.ClickException, match="other data_sha256"):
+        _resumed(path, earlier | {"data_sha256": "cd34"}, ["memory"])
     with pytest.raises(click.ClickException, match="other modes"):
         _resumed(path, earlier, ["memory", "hybrid"])
     path.write_text("{not json")
