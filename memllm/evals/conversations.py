@@ -121,6 +121,15 @@ def pick_question_indices(n: int, limit: int | None) -> list[int]:
     return [int(i * step) for i in range(limit)]
 
 
+def spread_order(items: Sequence[int]) -> list[int]:
+    """``items`` reordered so that every prefix is spread evenly over the list (bit-reversed ranks,
+    the van der Corput order): LoCoMo lists questions by category, so a run stopped early has asked
+    a fair sample of every category, not the first categories only."""
+    n = len(items)
+    bits = max(1, (n - 1).bit_length())
+    return [items[i] for i in sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))]
+
+
 def limit_sessions(conv: LocomoConversation, k: int) -> LocomoConversation:
     """The first ``k`` sessions and the questions whose evidence lies only in them."""
     kept = conv.sessions[:k]
@@ -276,7 +285,7 @@ class ConversationEval:
         if cfg.limit_sessions is not None:
             conv = limit_sessions(conv, cfg.limit_sessions)
         picked = pick_question_indices(len(conv.qa), cfg.limit_questions)
-        pending = [i for i in picked if (conv.sample_id, i) not in known]
+        pending = [i for i in spread_order(picked) if (conv.sample_id, i) not in known]
         self.log(
             f"{conv.sample_id}: {len(conv.sessions)} sessions, {len(picked)} questions"
             + (f" ({len(picked) - len(pending)} already answered)" if len(pending) < len(picked) else "")

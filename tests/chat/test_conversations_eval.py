@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -24,6 +25,7 @@ from memllm.evals.conversations import (
     score_answer,
     select_conversations,
     settings_mismatch,
+    spread_order,
     summarize,
 )
 
@@ -232,3 +234,13 @@ def test_select_conversations_by_sample_id():
     assert [c.sample_id for c in select_conversations(convs, "conv-3, conv-1")] == ["conv-1", "conv-3"]
     with pytest.raises(ValueError, match="no conversation conv-9"):
         select_conversations(convs, "conv-1,conv-9")
+
+
+def test_spread_order_is_a_permutation_whose_prefixes_cover_the_list():
+    items = list(range(100, 199))
+    order = spread_order(items)
+    assert sorted(order) == items and order[:4] == [100, 164, 132, 196]
+    for m in (4, 10, 33):
+        gaps = [b - a for a, b in itertools.pairwise(sorted(order[:m]))]
+        assert max(gaps) <= 2 * len(items) / m + 1, (m, gaps)
+    assert spread_order([]) == [] and spread_order([7]) == [7]
