@@ -254,11 +254,16 @@ class StreamingAttention:
         caller with idle time (a chat session after its reply) may run it earlier: the same blocks
         leave either way, and the next read then starts without the shift and re-rotation.
         Full attention keeps everything: a no-op there."""
-        if self.mode == "full":
-            return
-        over = self.buf.length - self.n_sinks - self.mem.window
+        over = self.overflow
         if over > 0:
             self._evict_blocks(self.n_sinks, [self.mem.block_size] * -(-over // self.mem.block_size))
+
+    @property
+    def overflow(self) -> int:
+        """Local tokens beyond the window, which the next ``evict_overflow`` moves out (0 in full mode)."""
+        if self.mode == "full":
+            return 0
+        return max(0, self.buf.length - self.n_sinks - self.mem.window)
 
     def _evict_blocks(self, slot: int, counts: list[int]) -> None:
         """Move consecutive blocks of ``counts`` tokens from ``slot`` on to memory, then drop their

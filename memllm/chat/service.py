@@ -489,7 +489,8 @@ class ChatService:
         The blocks that the next read would push out of the window leave now (the reply is already
         out): they are committed with this turn, and the next turn's first token does not wait for
         the buffer's shift."""
-        await self._model(live.state.evict_overflow)
+        if live.state.overflow:  # model work (an exclusive scheduler task) only when blocks must leave
+            await self._model(live.state.evict_overflow)
         source = live.source
         pending = source.pending if source is not None else []
         blocks, pos = [], first_local
