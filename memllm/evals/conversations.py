@@ -494,11 +494,20 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for r in results:
         for k, v in r.get("timing_s", {}).items():
             timing[k] += v
-    merged = {k: v for k, v in first.items() if k not in ("modes", "timing_s", "questions", "wall_s")}
+    merged = {k: v for k, v in first.items() if k not in ("modes", "timing_s", "questions", "wall_s", "paired")}
     merged.update(result_payload(records, list(first["modes"]), dict(timing)))
     merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in results)
     merged.setdefault("config", {})["conversations"] = list(dict.fromkeys(q["sample_id"] for q in records))
     return merged
+
+
+DATA_TEXT = ("question", "gold")  # a record's copies of the data's text
+
+
+def without_data_text(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without the data's text; what identifies and scores it (sample id, index,
+    category, predictions, scores) stays, so the result still resumes, merges and compares."""
+    return {k: v for k, v in record.items() if k not in DATA_TEXT}
 
 
 def _past_turns(conv: LocomoConversation):
@@ -522,6 +531,62 @@ async def _migrate(url: str) -> None:
         await eng.dispose()
 
 
+def compare_modes(records: Sequence[dict[str, Any]], modes: Sequence[str], baseline: str) -> dict[str, Any]:
+    """Each mode against ``baseline`` on the same questions, overall and per category:
+    ``{"baseline": ..., "modes": {mode: {"overall" | category: PairedDifference as a dict}}}``."""
+    from memllm.evals.paired import paired_bootstrap
+
+    groups: dict[str, list[dict[str, Any]]] = {"overall": list(records)}
+    for r in sorted(records, key=lambda r: r["category"]):
+        groups.setdefault(str(r["category"]), []).append(r)
+    out: dict[str, Any] = {}
+    for m in modes:
+        if m == baseline:
+            continue
+        out[m] = {
+            g: asdict(paired_bootstrap([r["scores"][m] for r in rs], [r["scores"][baseline] for r in rs]))
+            for g, rs in groups.items()
+        }
+    return {"baseline": baseline, "modes": out}
+
+
+def with_comparison(result: dict[str, Any], baseline: str | None) -> dict[str, Any]:
+    """``result`` with its ``paired`` comparison against ``baseline`` (none when the baseline mode
+    did not run, or there are no questions)."""
+    modes = list(result["modes"])
+    if baseline is None or baseline not in modes or not result["questions"]:
+        return {k: v for k, v in result.items() if k != "paired"}
+    return result | {"paired": compare_modes(result["questions"], modes, baseline)}
+
+
+def format_comparison(paired: dict[str, Any]) -> str:
+    """One line per mode and group: difference to the baseline, 95% interval, wins/losses; ``*``
+    marks an interval that excludes 0."""
+    from memllm.evals.paired import PairedDifference
+
+    rows = [["mode", f"vs {paired['baseline']}", "n", "difference", "95% interval", "wins/losses"]]
+    for m, groups in paired["modes"].items():
+        for g, d in groups.items():
+            diff = PairedDifference(**d)
+            name = g if g == "overall" else f"{g} {CATEGORY_NAMES.get(int(g), g)}"
+            rows.append(
+                [
+                    m,
+                    name,
+                    str(diff.n),
+                    f"{diff.mean:+.3f}{' *' if diff.separated else ''}",
+                    f"[{diff.low:+.3f}, {diff.high:+.3f}]",
+                    f"{diff.wins}/{diff.losses}",
+                ]
+            )
+    return _columns(rows)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in rows)
+
+
 def format_report(result: dict[str, Any], modes: Sequence[str]) -> str:
     cats = sorted({c for m in modes for c in result["modes"][m]["by_category"]}, key=int)
     head = ["mode", "overall", "n"] + [f"{c} {CATEGORY_NAMES.get(int(c), c)}" for c in cats]
@@ -533,8 +598,16 @@ def format_report(result: dict[str, Any], modes: Sequence[str]) -> str:
             v = s["by_category"].get(c)
             row.append(f"{v['f1']:.3f} ({v['n']})" if v else "-")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in rows)
+    table = _columns(rows)
+    if "paired" in result:
+        table += "\n\n" + format_comparison(result["paired"])
+    return table
+
+
+BASELINE_HELP = (
+    "mode the others are compared to on the same questions (paired bootstrap of the F1 differences, "
+    "overall and per category), when it ran"
+)
 
 
 @click.command("conversations")
@@ -575,6 +648,7 @@ def format_report(result: dict[str, Any], modes: Sequence[str]) -> str:
     is_flag=True,
     help="keep the questions already answered in the --json file (same settings required) and answer the rest",
 )
+@click.option("--baseline", default="truncation", show_default=True, help=BASELINE_HELP)
 def conversations_command(
     data,
     modes,
@@ -587,6 +661,7 @@ def conversations_command(
     retrieval_budget,
     json_out,
     resume,
+    baseline,
 ) -> None:
     """Chat over long histories: LoCoMo F1 per category for memory, truncation, retrieval, hybrid."""
     from memllm.engine import Engine
@@ -652,7 +727,7 @@ def conversations_command(
         write_json(json_out, payload(records, seconds))
 
     result = asyncio.run(evaluation.run(convs, done=done, on_record=checkpoint if json_out else None, timing=timing))
-    result = payload(result["questions"], result["timing_s"])
+    result = with_comparison(payload(result["questions"], result["timing_s"]), baseline)
     click.echo(format_report(result, chosen))
     if json_out is not None:
         write_json(json_out, result)
@@ -681,16 +756,26 @@ def _resumed(path: Path, header: dict[str, Any], modes: Sequence[str]) -> tuple[
 
 @click.command("conversations-merge")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="the merged result (JSON)")
-def conversations_merge_command(results, out) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the merged result here (JSON)")
+@click.option("--baseline", default="truncation", show_default=True, help=BASELINE_HELP)
+@click.option(
+    "--without-text",
+    is_flag=True,
+    help="drop the questions and gold answers (publish scores and predictions without the data's text)",
+)
+def conversations_merge_command(results, out, baseline, without_text) -> None:
     """Merge ``eval conversations --json`` runs of the same settings over different questions (e.g.
-    one process per group of conversations) into one result and print its table."""
+    one process per group of conversations) into one result and print its table. One file alone
+    prints its table (e.g. a run still in progress)."""
     from memllm.evals.common import write_json
 
     try:
-        merged = merge_results([json.loads(p.read_text()) for p in results])
+        merged = with_comparison(merge_results([json.loads(p.read_text()) for p in results]), baseline)
+        if without_text:
+            merged["questions"] = [without_data_text(q) for q in merged["questions"]]
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot merge: {exc}") from None
-    write_json(out, merged)
     click.echo(format_report(merged, list(merged["modes"])))
-    click.echo(f"wrote {out}")
+    if out is not None:
+        write_json(out, merged)
+        click.echo(f"wrote {out}")

@@ -244,3 +244,77 @@ def test_spread_order_is_a_permutation_whose_prefixes_cover_the_list():
         gaps = [b - a for a, b in itertools.pairwise(sorted(order[:m]))]
         assert max(gaps) <= 2 * len(items) / m + 1, (m, gaps)
     assert spread_order([]) == [] and spread_order([7]) == [7]
+
+
+def _paired_records() -> list[dict]:
+    """Hybrid above truncation on every single-hop question, level with it on the temporal ones."""
+    rows = [
+        (4, {"memory": 0.5, "hybrid": 1.0, "truncation": 0.0}),
+        (2, {"memory": 0.0, "hybrid": 0.5, "truncation": 0.5}),
+    ]
+    return [
+        {"sample_id": "a", "index": i, "category": cat, "scores": scores, "predictions": {}}
+        for i, (cat, scores) in enumerate(rows * 10)
+    ]
+
+
+def test_modes_are_compared_to_the_baseline_per_question_overall_and_per_category():
+    from memllm.evals.conversations import compare_modes, format_comparison
+
+    paired = compare_modes(_paired_records(), ["memory", "hybrid", "truncation"], "truncation")
+    assert paired["baseline"] == "truncation" and list(paired["modes"]) == ["memory", "hybrid"]
+    hybrid = paired["modes"]["hybrid"]
+    assert list(hybrid) == ["overall", "2", "4"]
+    assert hybrid["4"]["mean"] == pytest.approx(1.0) and hybrid["4"]["wins"] == 10
+    assert hybrid["2"]["mean"] == 0.0 and (hybrid["2"]["wins"], hybrid["2"]["losses"]) == (0, 0)
+    assert hybrid["overall"]["mean"] == pytest.approx(0.5) and hybrid["overall"]["n"] == 20
+    assert paired["modes"]["memory"]["2"]["losses"] == 10
+    text = format_comparison(paired)
+    assert "hybrid  4 single-hop" in text and "+1.000 *" in text and "[-0.500, -0.500]" in text
+
+
+def test_comparison_is_added_only_when_the_baseline_ran_and_merges_recompute_it(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from memllm.evals.conversations import conversations_merge_command, with_comparison
+
+    records = _paired_records()
+    result = {"data_sha256": "ab", "model": "m", "memory": {}, "retrieval": "mean", "config": {}}
+    result |= result_payload(records, ["memory", "hybrid", "truncation"], {})
+    assert "paired" in with_comparison(result, "truncation")
+    assert "paired" not in with_comparison(with_comparison(result, "truncation"), "retrieval")
+    assert "paired" not in with_comparison(result, None)
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(
+        json.dumps(with_comparison(result | result_payload(records[:6], list(result["modes"]), {}), "truncation"))
+    )
+    second.write_text(json.dumps(result | result_payload(records[6:], list(result["modes"]), {})))
+    out = tmp_path / "all.json"
+    ran = CliRunner().invoke(conversations_merge_command, [str(first), str(second), "--out", str(out)])
+    assert ran.exit_code == 0, ran.output
+    merged = json.loads(out.read_text())
+    assert merged["paired"]["modes"]["hybrid"]["overall"]["n"] == 20, "the comparison covers the merged questions"
+    alone = CliRunner().invoke(conversations_merge_command, [str(second), "--baseline", "memory"])
+    assert alone.exit_code == 0 and "vs memory" in alone.output and "wrote" not in alone.output
+
+
+def test_results_can_be_published_without_the_data_text(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from memllm.evals.conversations import conversations_merge_command
+
+    run = _result("a", [1.0, 0.0])
+    for r in run["questions"]:
+        r |= {"question": "Where did Caroline go?", "gold": "Paris"}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    ran = CliRunner().invoke(conversations_merge_command, [str(path), "--out", str(path), "--without-text"])
+    assert ran.exit_code == 0, ran.output
+    kept = json.loads(path.read_text())
+    assert [set(r) for r in kept["questions"]] == [{"sample_id", "index", "category", "scores", "predictions"}] * 2
+    assert kept["modes"] == run["modes"] and merge_results([kept])["modes"] == run["modes"]
