@@ -331,13 +331,16 @@ class IndexStateRepository(_Repo):
         q = select(IndexState).where(getattr(IndexState, owner.column) == owner.id)
         return {r.layer: r for r in (await self.session.execute(q)).scalars()}
 
-    async def put(self, owner: Owner, layer: int, file: str, vector_count: int, id_checksum: int) -> None:
+    async def put(self, owner: Owner, files: dict[int, str], vector_count: int, id_checksum: int) -> None:
+        """Record, for every layer in ``files`` (layer -> index file), the vector count and id-set
+        checksum its index holds after a write (one query for all layers)."""
         rows = await self.list(owner)
-        row = rows.get(layer)
-        if row is None:
-            row = IndexState(layer=layer, file=file, **owner.owner_values())
-            self.session.add(row)
-        row.file, row.vector_count, row.id_checksum = file, vector_count, id_checksum
+        for layer, file in files.items():
+            row = rows.get(layer)
+            if row is None:
+                row = IndexState(layer=layer, file=file, **owner.owner_values())
+                self.session.add(row)
+            row.file, row.vector_count, row.id_checksum = file, vector_count, id_checksum
         row.updated_at = dt.datetime.now(dt.timezone.utc)
         await self.session.flush()
 

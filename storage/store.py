@@ -270,9 +270,8 @@ class MemoryStore:
                 yield w
                 payload.sync()
                 count, checksum = w.index_state_after()
-                states = IndexStateRepository(session)
-                for slot, layer in enumerate(src.layout.layers):
-                    await states.put(owner, layer, src.indexes.file_name(slot), count, checksum)
+                files = {layer: src.indexes.file_name(slot) for slot, layer in enumerate(src.layout.layers)}
+                await IndexStateRepository(session).put(owner, files, count, checksum)
                 crash_point("writer.before_commit")
             except BaseException:
                 await session.rollback()
