@@ -258,17 +258,13 @@ class PayloadReader:
             if offset + length > self._size:
                 self._remap()
             if offset + length > self._size or self._map is None:
-                raise PayloadError(
-                    f"{self.path.name}: record [{offset}, {offset + length}) past end ({self._size})"
-                )
+                raise PayloadError(f"{self.path.name}: record [{offset}, {offset + length}) past end ({self._size})")
             buf = memoryview(self._map)[offset : offset + length]
         if checksum is not None and payload_checksum(buf) != checksum:
             raise PayloadError(f"{self.path.name}: checksum mismatch for record at offset {offset}")
         view = RecordView(buf)
         if view.geo.length != length:
-            raise PayloadError(
-                f"{self.path.name}: record at {offset} has length {view.geo.length}, row says {length}"
-            )
+            raise PayloadError(f"{self.path.name}: record at {offset} has length {view.geo.length}, row says {length}")
         return view
 
     def close(self) -> None:

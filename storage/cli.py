@@ -69,9 +69,7 @@ def current_cmd(url: str | None) -> None:
     """Print the database's revision and whether it is at head."""
     rev = asyncio.run(_with_engine(_url(url), migrate.current_revision))
     head = migrate.head_revision()
-    click.echo(
-        f"current: {rev or 'base (empty)'}  head: {head}  {'up to date' if rev == head else 'NOT MIGRATED'}"
-    )
+    click.echo(f"current: {rev or 'base (empty)'}  head: {head}  {'up to date' if rev == head else 'NOT MIGRATED'}")
 
 
 @click.command("storage")
@@ -89,12 +87,8 @@ def current_cmd(url: str | None) -> None:
     show_default=True,
     help="vectors in the restart-time test",
 )
-@click.option(
-    "--dim", type=int, default=192, show_default=True, help="search dimension (SmolLM2: 3 kv heads x 64)"
-)
-@click.option(
-    "--out", type=click.Path(path_type=Path), default=Path("bench-results/storage.json"), show_default=True
-)
+@click.option("--dim", type=int, default=192, show_default=True, help="search dimension (SmolLM2: 3 kv heads x 64)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results/storage.json"), show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="scratch dir (default: temp)")
 @click.option("--threads", type=int, default=1, show_default=True, help="faiss OpenMP threads")
 def bench_storage(

@@ -71,9 +71,7 @@ def save_index(path: Path, index: BlockIndex, layer: int, summary: tuple[int, in
     fsync_dir(path.parent)
 
 
-def load_index(
-    path: Path, ivf_threshold: int, expect_layer: int | None = None
-) -> tuple[BlockIndex, int, int]:
+def load_index(path: Path, ivf_threshold: int, expect_layer: int | None = None) -> tuple[BlockIndex, int, int]:
     """Load and verify an index file; returns (index, vector count, id-set checksum)."""
     try:
         data = path.read_bytes()

@@ -218,9 +218,7 @@ class ChunkRepository(_Repo):
 
 
 class SessionRepository(_Repo):
-    async def create(
-        self, name: str, tenant_id: int | None = None, meta: dict[str, Any] | None = None
-    ) -> ChatSession:
+    async def create(self, name: str, tenant_id: int | None = None, meta: dict[str, Any] | None = None) -> ChatSession:
         s = ChatSession(name=name, tenant_id=tenant_id, meta=meta or {}, token_count=0)
         self.session.add(s)
         await self.session.flush()
@@ -301,9 +299,7 @@ class BlockRepository(_Repo):
 
     async def ids_for_document(self, document_id: int) -> list[tuple[int, int]]:
         """(block id, representatives) of a document's blocks."""
-        q = select(MemoryBlockRow.id, MemoryBlockRow.n_representatives).where(
-            MemoryBlockRow.document_id == document_id
-        )
+        q = select(MemoryBlockRow.id, MemoryBlockRow.n_representatives).where(MemoryBlockRow.document_id == document_id)
         return [(int(i), int(r)) for i, r in (await self.session.execute(q)).all()]
 
     async def fingerprint(self, owner: Owner) -> tuple[int, int, int, str]:

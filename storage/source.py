@@ -210,9 +210,7 @@ class PersistentSource:
         if block.keys.shape[:2] != (lay.n_layers, lay.n_kv_heads) or block.keys.shape[3] != lay.head_dim:
             raise ValueError(f"block keys {block.keys.shape} do not fit layout {lay}")
         if block.length > lay.block_size or block.representatives.shape[2] != lay.search_dim:
-            raise ValueError(
-                f"block of {block.length} tokens / reps {block.representatives.shape} misfit {lay}"
-            )
+            raise ValueError(f"block of {block.length} tokens / reps {block.representatives.shape} misfit {lay}")
         with self._lock:
             pid = PENDING_BASE + len(self._pending)
             self._pending.append(block)

@@ -169,9 +169,7 @@ class MemoryStore:
             raise NotFoundError(f"{owner} not found")
         return layout_from_json(row.memory_layout) if row.memory_layout else None
 
-    async def _load(
-        self, owner: Owner, layout: BlockLayout | None, session: AsyncSession
-    ) -> PersistentSource:
+    async def _load(self, owner: Owner, layout: BlockLayout | None, session: AsyncSession) -> PersistentSource:
         """Build a source from committed rows and check/repair its indexes (caller holds the lock)."""
         stored = await self._owner_layout(owner, session)
         if stored is not None and layout is not None and stored != layout:
@@ -328,9 +326,7 @@ class MemoryStore:
             writer.start_size = end
         elif writer.size < end:
             writer.close()
-            raise RuntimeError(
-                f"{src.owner}: payload file {active} is shorter ({writer.size}) than its rows ({end})"
-            )
+            raise RuntimeError(f"{src.owner}: payload file {active} is shorter ({writer.size}) than its rows ({end})")
         return writer
 
     # ---- deleting --------------------------------------------------------------------------------

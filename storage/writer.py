@@ -77,14 +77,11 @@ class OwnerWriter:
         lay = self.source.layout
         for b in blocks:
             if (
-                (b.keys.shape[0], b.keys.shape[1], b.keys.shape[3])
-                != (lay.n_layers, lay.n_kv_heads, lay.head_dim)
+                (b.keys.shape[0], b.keys.shape[1], b.keys.shape[3]) != (lay.n_layers, lay.n_kv_heads, lay.head_dim)
                 or b.length > lay.block_size
                 or b.representatives.shape[2] != lay.search_dim
             ):
-                raise ValueError(
-                    f"block keys {b.keys.shape} / reps {b.representatives.shape} do not fit {lay}"
-                )
+                raise ValueError(f"block keys {b.keys.shape} / reps {b.representatives.shape} do not fit {lay}")
         for name, seq in (("chunk_ids", chunk_ids), ("message_ids", message_ids)):
             if seq is not None and len(seq) != len(blocks):
                 raise ValueError(f"{name} has {len(seq)} entries for {len(blocks)} blocks")
@@ -123,9 +120,7 @@ class OwnerWriter:
         )
         found = [(int(i), int(r)) for i, r in (await self.session.execute(q)).all()]
         if found:
-            await self.session.execute(
-                delete(MemoryBlockRow).where(MemoryBlockRow.id.in_([i for i, _ in found]))
-            )
+            await self.session.execute(delete(MemoryBlockRow).where(MemoryBlockRow.id.in_([i for i, _ in found])))
         self._forget(found)
         return len(found)
 
@@ -138,9 +133,7 @@ class OwnerWriter:
         await self.documents.delete(document_id)
         return True
 
-    async def replace_document(
-        self, kb_id: int, source_name: str, **fields: Any
-    ) -> tuple[Document, Document | None]:
+    async def replace_document(self, kb_id: int, source_name: str, **fields: Any) -> tuple[Document, Document | None]:
         """Delete the document named ``source_name`` (if any: rows and blocks) and create a new one,
         in this write; returns (new, old)."""
         if self.owner != Owner.kb(kb_id):

@@ -433,8 +433,13 @@ def base_run(m: Model, lay: Layout, pr: Probe, cache: Path, tag: str) -> tuple[n
         return tuple(np.load(p, mmap_mode="r") for p in paths)
     ids = lay.base()
     out = run_span(
-        m, ids, State.empty(len(m.layers)), chunk_bounds(0, len(ids), pr.n_sinks, pr.chunk),
-        n_sinks=pr.n_sinks, window=pr.window, log=f"base {tag}",
+        m,
+        ids,
+        State.empty(len(m.layers)),
+        chunk_bounds(0, len(ids), pr.n_sinks, pr.chunk),
+        n_sinks=pr.n_sinks,
+        window=pr.window,
+        log=f"base {tag}",
     )
     for p, a in zip(paths, (out.k, out.v, out.mass), strict=True):
         np.save(p.with_suffix(".tmp.npy"), a)
@@ -474,22 +479,41 @@ def trial_tensors(m: Model, lay: Layout, tr: Trial, pr: Probe, base: tuple[np.nd
     rel = [b + ln - b0 for b in bb if b0 < b <= stop]
     if reach_tail:
         rel.append(n_total - b0)
-        out = run_span(m, tr.ids[b0:], st, rel, n_sinks=pr.n_sinks, window=pr.window, offset=b0,
-                       keep_q_last=pr.final, log="needle..end")
+        out = run_span(
+            m,
+            tr.ids[b0:],
+            st,
+            rel,
+            n_sinks=pr.n_sinks,
+            window=pr.window,
+            offset=b0,
+            keep_q_last=pr.final,
+            log="needle..end",
+        )
         keys[:, b0:] = out.k
         mass[:, b0:] = out.mass
         queries = out.q_last
     else:
-        out = run_span(m, tr.ids[b0 : e_base + ln], st, rel, n_sinks=pr.n_sinks, window=pr.window,
-                       offset=b0, log="needle region")
+        out = run_span(
+            m, tr.ids[b0 : e_base + ln], st, rel, n_sinks=pr.n_sinks, window=pr.window, offset=b0, log="needle region"
+        )
         done = e_base + ln - pr.window - pr.chunk  # tokens whose window exposure is complete
         keys[:, b0 : e_base + ln] = out.k
         mass[:, b0:done] = out.mass[:, : done - b0]
         keys[:, e_base + ln : tail_start + ln] = bk[:, e_base:tail_start]
         mass[:, done : tail_start + ln] = bm[:, done - ln : tail_start]
         st = state_from(bk, bv, pr.n_sinks, tail_start, pr.window)
-        out = run_span(m, tr.ids[tail_start + ln :], st, [n_total - tail_start - ln], n_sinks=pr.n_sinks,
-                       window=pr.window, offset=tail_start + ln, keep_q_last=pr.final, log="tail")
+        out = run_span(
+            m,
+            tr.ids[tail_start + ln :],
+            st,
+            [n_total - tail_start - ln],
+            n_sinks=pr.n_sinks,
+            window=pr.window,
+            offset=tail_start + ln,
+            keep_q_last=pr.final,
+            log="tail",
+        )
         keys[:, tail_start + ln :] = out.k
         queries = out.q_last
     s = pr.n_sinks
@@ -614,8 +638,17 @@ def oracle_trial(m: Model, tr: Trial, pr: Probe, n_new: int = 7) -> dict[str, ob
     n = len(tr.ids)
     st = State.empty(len(m.layers))
     nq = tr.n_question
-    out = run_span(m, tr.ids, st, chunk_bounds(0, n, pr.n_sinks, pr.chunk), n_sinks=pr.n_sinks, window=None,
-                   keep_q_last=pr.final, tail_probs=nq, log="oracle")
+    out = run_span(
+        m,
+        tr.ids,
+        st,
+        chunk_bounds(0, n, pr.n_sinks, pr.chunk),
+        n_sinks=pr.n_sinks,
+        window=None,
+        keep_q_last=pr.final,
+        tail_probs=nq,
+        log="oracle",
+    )
     assert out.probs_tail is not None and out.q_last is not None
     s = pr.n_sinks
     nb_all = (n - s) // BLOCK
@@ -633,8 +666,11 @@ def oracle_trial(m: Model, tr: Trial, pr: Probe, n_new: int = 7) -> dict[str, ob
     digits = "".join(ch for ch in answer.strip().split(" ")[0] if ch.isdigit()) if answer.strip() else ""
     m_end = s + BLOCK * ((n - pr.final - pr.window - s) // BLOCK)
     tt = TrialTensors(
-        out.k[:, s:m_end].astype(np.float32), out.mass[:, s:m_end], out.q_last,
-        [b for b in needle if s + b * BLOCK < m_end], nq,
+        out.k[:, s:m_end].astype(np.float32),
+        out.mass[:, s:m_end],
+        out.q_last,
+        [b for b in needle if s + b * BLOCK < m_end],
+        nq,
     )
     return {
         "needle_mass": nmass.numpy(),
@@ -656,9 +692,7 @@ def score_trial(tt: TrialTensors, inv_freq: torch.Tensor, pr: Probe) -> dict[str
     zs: dict[str, list[torch.Tensor]] = {}
     head_z: dict[str, list[torch.Tensor]] = {}
     for li in range(tt.keys.shape[0]):
-        sc = layer_block_scores(
-            tt.keys[li], tt.mass[li], tt.queries[li], tt.n_question, inv_freq, pr.distance
-        )
+        sc = layer_block_scores(tt.keys[li], tt.mass[li], tt.queries[li], tt.n_question, inv_freq, pr.distance)
         for name, v in sc.items():
             if name.endswith("/head_z"):
                 assert isinstance(v, torch.Tensor)
@@ -698,8 +732,10 @@ def summarize(results: list[dict[str, object]], top_k: int) -> dict[str, dict[st
         bl = entry["best_layer"]
         entry["best_layer_ranks"] = r[:, bl].tolist()  # type: ignore[index]
         if name in results[0]["z"]:  # type: ignore[operator]
-            sr = [shared_rank(res["z"][name], list(range(r.shape[1])), res["needle_blocks"])  # type: ignore[index]
-                  for res in results]
+            sr = [
+                shared_rank(res["z"][name], list(range(r.shape[1])), res["needle_blocks"])  # type: ignore[index]
+                for res in results
+            ]
             entry["all_layers_zsum_ranks"] = sr
         out[name] = entry
     return out
@@ -725,21 +761,27 @@ def head_subset_ranks(results: list[dict[str, object]], heads: list[tuple[int, i
 
 def print_table(summary: dict[str, dict[str, object]], top_k: int, n_show: int = 15) -> None:
     """Print the baseline and the best variants (by layers with the needle, and by shared choice)."""
+
     def row(name: str) -> str:
         e = summary[name]
         sr = e.get("all_layers_zsum_ranks")
         shared = "-" if sr is None else f"{sum(x < top_k for x in sr)}/{len(sr)} {sr}"  # type: ignore[union-attr]
-        return (f"{name:48s} {e['mean_layers_hit']:5.1f} {e['layers_hit_per_trial']!s:24s} "
-                f"L{e['best_layer']:<3d} {e['best_layer_ranks']!s:28s} {shared}")
+        return (
+            f"{name:48s} {e['mean_layers_hit']:5.1f} {e['layers_hit_per_trial']!s:24s} "
+            f"L{e['best_layer']:<3d} {e['best_layer_ranks']!s:28s} {shared}"
+        )
 
-    print(f"{'variant (query/rot/keys/reps/combo)':48s} {'mean':>5s} {'layers hit per trial':24s} "
-          f"best {'best-layer ranks':28s} all-layer z-sum shared (hits, ranks)")
+    print(
+        f"{'variant (query/rot/keys/reps/combo)':48s} {'mean':>5s} {'layers hit per trial':24s} "
+        f"best {'best-layer ranks':28s} all-layer z-sum shared (hits, ranks)"
+    )
     print(row(BASELINE))
     by_layers = sorted(summary, key=lambda n: -summary[n]["mean_layers_hit"])  # type: ignore[operator]
     print(f"-- top {n_show} by mean layers with the needle in top-{top_k}")
     for n in by_layers[:n_show]:
         print(row(n))
     shared = [n for n in summary if "all_layers_zsum_ranks" in summary[n]]
+
     def shared_key(n: str) -> tuple[int, float]:
         sr: list[int] = summary[n]["all_layers_zsum_ranks"]  # type: ignore[assignment]
         return -sum(x < top_k for x in sr), float(np.mean(sr))
@@ -774,8 +816,9 @@ def main(argv: list[str] | None = None) -> None:
     lay = make_layout(m.tokenizer, a.filler, a.length)
     depths = [float(x) for x in a.depths.split(",")]
     rng = np.random.default_rng(a.seed)
-    trials = [make_trial(m.tokenizer, lay, depths[i % len(depths)], int(rng.integers(10000, 100000)))
-              for i in range(a.trials)]
+    trials = [
+        make_trial(m.tokenizer, lay, depths[i % len(depths)], int(rng.integers(10000, 100000))) for i in range(a.trials)
+    ]
     base = None if a.oracle else base_run(m, lay, pr, a.cache, f"{a.filler}_{a.length}")
     results, oracle = [], []
     for tr in trials:
@@ -795,29 +838,41 @@ def main(argv: list[str] | None = None) -> None:
                 res = score_trial(tt, m.inv_freq, pr)  # type: ignore[arg-type]
             res["oracle"] = o
             torch.save(res, path)
-            print(f"trial depth={tr.depth} key={tr.key} blocks={res['n_blocks']}"
-                  f" needle={res['needle_blocks']}"
-                  f" {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"trial depth={tr.depth} key={tr.key} blocks={res['n_blocks']}"
+                f" needle={res['needle_blocks']}"
+                f" {time.time() - t0:.0f}s",
+                flush=True,
+            )
         results.append(res)
         oracle.append(res["oracle"])
     summary = summarize(results, a.top_k)
     n_blocks = results[0]["n_blocks"]
-    print(f"\n== {a.filler} {a.length} tokens, {len(trials)} trials, {n_blocks} memory blocks, top-{a.top_k}"
-          f"{' (FULL-ATTENTION keys/queries)' if a.oracle else ''}")
+    print(
+        f"\n== {a.filler} {a.length} tokens, {len(trials)} trials, {n_blocks} memory blocks, top-{a.top_k}"
+        f"{' (FULL-ATTENTION keys/queries)' if a.oracle else ''}"
+    )
     print_table(summary, a.top_k)
-    report: dict[str, object] = {"args": {k: str(v) for k, v in vars(a).items()},
-                                 "trials": [{"depth": t.depth, "key": t.key} for t in trials],
-                                 "n_blocks": n_blocks, "summary": summary}
+    report: dict[str, object] = {
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "trials": [{"depth": t.depth, "key": t.key} for t in trials],
+        "n_blocks": n_blocks,
+        "summary": summary,
+    }
     if a.oracle:
         nm = np.stack([o["needle_mass"] for o in oracle])  # (trials, L, H)
-        print(f"\n== oracle answers: {[o['answer'] for o in oracle]} correct "
-              f"{sum(o['correct'] for o in oracle)}/{len(oracle)}")
+        print(
+            f"\n== oracle answers: {[o['answer'] for o in oracle]} correct "
+            f"{sum(o['correct'] for o in oracle)}/{len(oracle)}"
+        )
         mean = nm.mean(0)
         heads = [(int(li), int(h)) for li, h in zip(*np.nonzero(mean > a.head_threshold), strict=True)]
         print(f"retrieval heads (mean question-token mass on needle block > {a.head_threshold}):")
         for li, h in heads:
-            print(f"  L{li:2d} H{h}: mass {mean[li, h]:.2f}, needle rank by attention "
-                  f"{[int(o['needle_rank'][li, h]) for o in oracle]}")
+            print(
+                f"  L{li:2d} H{h}: mass {mean[li, h]:.2f}, needle rank by attention "
+                f"{[int(o['needle_rank'][li, h]) for o in oracle]}"
+            )
         print("per-layer max-head needle mass:", mean.max(1).round(2).tolist())
         report["oracle"] = {
             "answers": [o["answer"] for o in oracle],

@@ -35,15 +35,11 @@ def _clustered(n: int, dim: int, rng: np.random.Generator, n_clusters: int = 100
     step = 262_144
     for s in range(0, n, step):
         m = min(step, n - s)
-        out[s : s + m] = centers[rng.integers(0, n_clusters, m)] + 0.5 * rng.standard_normal(
-            (m, dim), np.float32
-        )
+        out[s : s + m] = centers[rng.integers(0, n_clusters, m)] + 0.5 * rng.standard_normal((m, dim), np.float32)
     return out
 
 
-def _block(
-    layout: BlockLayout, rng: np.random.Generator, start: int, reps: np.ndarray | None = None
-) -> MemoryBlock:
+def _block(layout: BlockLayout, rng: np.random.Generator, start: int, reps: np.ndarray | None = None) -> MemoryBlock:
     shape = (layout.n_layers, layout.n_kv_heads, layout.block_size, layout.head_dim)
     kv = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
     if reps is None:
@@ -135,10 +131,7 @@ def bench_index(n: int, dim: int, kind: str, flat_ids: dict[int, np.ndarray]) ->
         flat_ids[n] = got
     elif n in flat_ids:
         ref = flat_ids[n]
-        hits = [
-            len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum())
-            for a, b in zip(got, ref, strict=True)
-        ]
+        hits = [len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum()) for a, b in zip(got, ref, strict=True)]
         row["recall_at_16_vs_flat"] = float(np.mean(hits))
     return row
 
@@ -155,9 +148,7 @@ async def bench_restart(workdir: Path, n_vectors: int, dim: int) -> dict[str, An
     per_write = 8192
     for s in range(0, n_blocks, per_write):
         async with store.writer(Owner.kb(kb), layout) as w:
-            await w.add_blocks(
-                [_block(layout, rng, 4 * i, reps[i]) for i in range(s, min(n_blocks, s + per_write))]
-            )
+            await w.add_blocks([_block(layout, rng, 4 * i, reps[i]) for i in range(s, min(n_blocks, s + per_write))])
     src = await store.open_source(Owner.kb(kb))
     src.indexes.checkpoint(force=True)
     fill_s = time.perf_counter() - t0
@@ -226,19 +217,14 @@ def run_storage_bench(
 
 def print_tables(r: dict[str, Any]) -> None:
     print("\nblock writes (SmolLM2 geometry, 30 layers, 128-token blocks, 16 blocks per commit)")
-    print(
-        f"{'dtype':8} {'blocks/s':>9} {'tokens/s':>10} {'MB/s':>8} {'payload B/tok':>14} {'disk B/tok':>11}"
-    )
+    print(f"{'dtype':8} {'blocks/s':>9} {'tokens/s':>10} {'MB/s':>8} {'payload B/tok':>14} {'disk B/tok':>11}")
     for w in r.get("writes", []):
         print(
             f"{w['dtype']:8} {w['blocks_per_s']:9.1f} {w['tokens_per_s']:10.0f} {w['payload_mb_per_s']:8.1f} "
             f"{w['payload_bytes_per_token']:14.0f} {w['disk_bytes_per_token']:11.0f}"
         )
     print(f"\nindex (dim 192, clustered vectors, top-16, faiss threads {r.get('faiss_threads')})")
-    print(
-        f"{'vectors':>9} {'kind':5} {'add s':>8} {'add vec/s':>10} {'1q ms':>8} {'16q ms':>8}"
-        f" {'recall@16':>10}"
-    )
+    print(f"{'vectors':>9} {'kind':5} {'add s':>8} {'add vec/s':>10} {'1q ms':>8} {'16q ms':>8} {'recall@16':>10}")
     for x in r.get("index", []):
         rec = x.get("recall_at_16_vs_flat")
         print(

@@ -14,18 +14,14 @@ from storage.store import MemoryStore
 LAYOUT = BlockLayout(layers=(0, 2), n_kv_heads=2, head_dim=8, block_size=16, representatives=4)
 
 
-def make_block(
-    seed: int, start: int = 0, length: int | None = None, layout: BlockLayout = LAYOUT
-) -> MemoryBlock:
+def make_block(seed: int, start: int = 0, length: int | None = None, layout: BlockLayout = LAYOUT) -> MemoryBlock:
     """A deterministic random block; its representatives are distinct unit-ish vectors."""
     rng = np.random.default_rng(seed)
     n = layout.block_size if length is None else length
     shape = (layout.n_layers, layout.n_kv_heads, n, layout.head_dim)
     keys = rng.standard_normal(shape).astype(np.float16)
     values = rng.standard_normal(shape).astype(np.float16)
-    reps = rng.standard_normal((layout.n_layers, layout.representatives, layout.search_dim)).astype(
-        np.float32
-    )
+    reps = rng.standard_normal((layout.n_layers, layout.representatives, layout.search_dim)).astype(np.float32)
     return MemoryBlock(keys, values, reps, start, start + n)
 
 

@@ -35,9 +35,7 @@ INGEST_POINTS = [
 ]
 
 
-def _run_child(
-    url: str, schema: str | None, data_dir: Path, kb: int, scenario: str, point: str, skip: int
-) -> None:
+def _run_child(url: str, schema: str | None, data_dir: Path, kb: int, scenario: str, point: str, skip: int) -> None:
     env = dict(
         os.environ,
         MEMLLM_CRASHPOINT=point,
@@ -55,9 +53,7 @@ def _run_child(
     )
     try:
         line = child.stdout.readline()
-        assert line.strip() == f"CRASHPOINT {point}", (
-            f"child did not stop at {point}: {line!r} {child.stderr.read()}"
-        )
+        assert line.strip() == f"CRASHPOINT {point}", f"child did not stop at {point}: {line!r} {child.stderr.read()}"
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -76,18 +72,12 @@ async def _check_consistent(store, kb: int, expect_docs: list[int]) -> dict[int,
         assert sorted(d.source_name for d in docs) == sorted(f"doc-{n}.txt" for n in expect_docs)
         for d in docs:
             assert d.status == "ready"
-            n_chunks = await s.scalar(
-                select(func.count()).select_from(Chunk).where(Chunk.document_id == d.id)
-            )
+            n_chunks = await s.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id == d.id))
             n_blocks = await s.scalar(
                 select(func.count()).select_from(MemoryBlockRow).where(MemoryBlockRow.document_id == d.id)
             )
             assert (n_chunks, n_blocks) == (3, 3), f"partial document {d.source_name}"
-        rows = (
-            (await s.execute(select(MemoryBlockRow).where(MemoryBlockRow.knowledge_base_id == kb)))
-            .scalars()
-            .all()
-        )
+        rows = (await s.execute(select(MemoryBlockRow).where(MemoryBlockRow.knowledge_base_id == kb))).scalars().all()
     assert sorted(r.id for r in rows) == src.block_ids().tolist()
     assert all(r.document_id is not None for r in rows)
     for slot, layer in enumerate(LAYOUT.layers):

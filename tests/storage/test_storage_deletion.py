@@ -29,19 +29,12 @@ async def test_delete_document_then_compact(store, migrated, tmp_path):
     async with store.sessions() as s:
         assert (
             await s.scalar(
-                select(func.count())
-                .select_from(MemoryBlockRow)
-                .where(MemoryBlockRow.document_id == doc_ids[1])
+                select(func.count()).select_from(MemoryBlockRow).where(MemoryBlockRow.document_id == doc_ids[1])
             )
             == 0
         )
-        assert (
-            await s.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id == doc_ids[1]))
-            == 0
-        )
-        states = (
-            (await s.execute(select(IndexState).where(IndexState.knowledge_base_id == kb))).scalars().all()
-        )
+        assert await s.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id == doc_ids[1])) == 0
+        states = (await s.execute(select(IndexState).where(IndexState.knowledge_base_id == kb))).scalars().all()
         assert {st.vector_count for st in states} == {6 * LAYOUT.representatives}
     # vectors gone at once: the planted query finds no block of the deleted document
     for slot, layer in enumerate(LAYOUT.layers):
