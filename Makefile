@@ -24,12 +24,14 @@ run: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check --exclude '*.md' .
 	bash .ci/services.sh
 	bash .ci/browser.sh
 	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check --exclude '*.md' .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
