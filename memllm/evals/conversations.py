@@ -648,7 +648,7 @@ BASELINE_HELP = (
     is_flag=True,
     help="keep the questions already answered in the --json file (same settings required) and answer the rest",
 )
-@click.option("--baseline", default="truncation", show_default=True, help=BASELINE_HELP)
+@click.option("--baseline", type=click.Choice(MODES), default="truncation", show_default=True, help=BASELINE_HELP)
 def conversations_command(
     data,
     modes,
@@ -757,7 +757,7 @@ def _resumed(path: Path, header: dict[str, Any], modes: Sequence[str]) -> tuple[
 @click.command("conversations-merge")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the merged result here (JSON)")
-@click.option("--baseline", default="truncation", show_default=True, help=BASELINE_HELP)
+@click.option("--baseline", type=click.Choice(MODES), default="truncation", show_default=True, help=BASELINE_HELP)
 @click.option(
     "--without-text",
     is_flag=True,

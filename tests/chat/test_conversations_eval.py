@@ -299,6 +299,8 @@ def test_comparison_is_added_only_when_the_baseline_ran_and_merges_recompute_it(
     assert merged["paired"]["modes"]["hybrid"]["overall"]["n"] == 20, "the comparison covers the merged questions"
     alone = CliRunner().invoke(conversations_merge_command, [str(second), "--baseline", "memory"])
     assert alone.exit_code == 0 and "vs memory" in alone.output and "wrote" not in alone.output
+    typo = CliRunner().invoke(conversations_merge_command, [str(second), "--baseline", "trunc"])
+    assert typo.exit_code == 2 and "'trunc' is not one of" in typo.output
 
 
 def test_results_can_be_published_without_the_data_text(tmp_path):
