@@ -74,7 +74,13 @@ class Core:
         self.knowledge = KnowledgeService(
             self.store, self.engine, self.embedder, max_bytes=self.api.max_upload_bytes, scheduler=self.scheduler
         )
-        self.chat = ChatService(self.engine, self.store, scheduler=self.scheduler)
+        self.chat = ChatService(
+            self.engine,
+            self.store,
+            scheduler=self.scheduler,
+            max_live=self.settings.chat_max_live,
+            spill=self.settings.chat_spill,
+        )
         if self.api.demo_kb:
             await self._demo_kb()
         log.info("ready in %.1f s", time.perf_counter() - t0)
@@ -105,6 +111,8 @@ class Core:
         for task in list(self.background):
             with contextlib.suppress(BaseException):
                 await task
+        if self.chat is not None:
+            await self.chat.close()  # spills the idle live states: the next start restores them
         if self.scheduler is not None:
             await self.scheduler.close()
         if self.store is not None:

@@ -60,6 +60,8 @@ class Settings:
     eval_data: Path = Path("../shared/data")
     log_level: str = "WARNING"
     retrieval: str = "mean"  # how a chunk searches memory (memllm/memory/retrieval.py)
+    chat_max_live: int = 4  # chat sessions whose live state (sinks + window) stays in memory
+    chat_spill: int = 8  # live states kept on disk when they leave memory (memllm/chat/spill.py); 0 = none
     memory: MemorySettings = field(default_factory=MemorySettings)
 
     @property

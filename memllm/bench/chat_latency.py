@@ -5,8 +5,9 @@ session is filled with ``--history-tokens`` of real text (a Gutenberg book, as a
 assistant messages read through the model and persisted as session memory), then answers the same
 question ``--repeats`` times with its live state warm. The history is not re-read on a turn; only
 the turn's own tokens are, attending over the window plus retrieved memory blocks. Prints both
-medians and their ratio (target: at most 1.3x). Also reported, not part of the ratio: the first
-turn after the session's live state is dropped (a restart), which rebuilds the window.
+medians and their ratio (target: at most 1.3x). Also reported, not part of the ratio, the first
+turn after the session's live state left memory: restored from its spill (a graceful restart, or
+the session pushed out of the live cache), and re-read from the database (after a crash).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ async def measure(engine, history_tokens: int, repeats: int, message_tokens: int
         await _migrate(url)
         store = await MemoryStore.open(url, Path(tmp) / "data")
         try:
-            svc = ChatService(engine, store, mode="memory")
+            svc = ChatService(engine, store, mode="memory", max_live=repeats + 1)  # no spill while timing
             empty = []
             for i in range(repeats):
                 info = await svc.create(f"empty-{i}")
@@ -63,7 +64,9 @@ async def measure(engine, history_tokens: int, repeats: int, message_tokens: int
             info = await svc.get(long.id)
             log(f"history: {info.token_count} tokens in {info.message_count} messages, read in {fill_s:.0f} s")
             warm = [(await svc.reply(long.id, QUESTION, params)).ttft_s for _ in range(repeats)]
-            svc.drop_live(long.id)
+            await svc.close()  # every live state to disk, as at a graceful shutdown
+            restored = (await svc.reply(long.id, QUESTION, params)).ttft_s
+            svc.drop_live(long.id)  # a crash: that turn made the spill stale, the window is re-read
             cold = (await svc.reply(long.id, QUESTION, params)).ttft_s
             blocks = svc._live[long.id].source.num_blocks()
         finally:
@@ -73,7 +76,8 @@ async def measure(engine, history_tokens: int, repeats: int, message_tokens: int
         "memory_blocks": blocks,
         "ttft_empty_s": empty,
         "ttft_history_s": warm,
-        "ttft_after_restart_s": cold,
+        "ttft_after_spill_s": restored,
+        "ttft_after_crash_s": cold,
         "ratio": statistics.median(warm) / statistics.median(empty),
         "fill_s": fill_s,
     }
@@ -99,8 +103,11 @@ def chat_latency(history_tokens: str, repeats: int, out: Path) -> None:
     click.echo(
         f"time to first token: empty history {statistics.median(result['ttft_empty_s']):.3f} s, "
         f"{result['history_tokens']} tokens of history {statistics.median(result['ttft_history_s']):.3f} s "
-        f"-> ratio {result['ratio']:.2f}x (target <= 1.3x); first turn after a restart "
-        f"{result['ttft_after_restart_s']:.3f} s"
+        f"-> ratio {result['ratio']:.2f}x (target <= 1.3x)"
+    )
+    click.echo(
+        f"first turn after the live state left memory: restored from its spill {result['ttft_after_spill_s']:.3f} s, "
+        f"re-read from the database (a crash) {result['ttft_after_crash_s']:.3f} s"
     )
     memory = {k: getattr(settings.memory, k) for k in ("sinks", "window", "chunk", "block_size", "top_k")}
     write_json(out, {**result, "machine": machine_info(), "memory": memory})

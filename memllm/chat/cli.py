@@ -31,9 +31,13 @@ async def _service(with_model: bool = True):
 
     settings = get_settings()
     store = await MemoryStore.from_settings(settings)
+    svc = None
     try:
-        yield ChatService(_engine(settings) if with_model else None, store)
+        svc = ChatService(_engine(settings) if with_model else None, store)
+        yield svc
     finally:
+        if svc is not None:
+            await svc.close()  # spills the session's live state: the next chat restores it
         await store.close()
 
 
@@ -98,27 +102,37 @@ def _chat_unsaved(system: str | None, mode: str | None, params) -> None:
 async def _chat_session(name, system, kb_ids, trace, mode, params) -> None:
     from memllm.chat.service import ChatService
 
-    async with _service() as svc:
+    async with _service() as default:
+        svc = default
         if mode is not None and mode != svc.mode:
             svc = ChatService(svc.engine, svc.store, mode=mode)
-        info = await svc.find(name)
-        if info is None:
-            info = await svc.create(name, system=system, kb_ids=kb_ids)
-            click.echo(f"created session {info.name!r} (#{info.id})")
-        elif system or kb_ids:
-            click.echo("note: --system / --kb apply to new sessions only", err=True)
-        click.echo(
-            f"session {info.name!r}: {info.message_count} messages, {info.token_count} tokens "
-            f"({svc.engine.loaded.name}, {svc.mode} attention). Empty line to quit."
-        )
-        while (user := _read_line()) and user.strip():
-            click.echo("bot> ", nl=False)
-            turn = svc.turn(info.id, user, params, trace=trace)
-            async for piece in turn.stream():
-                click.echo(piece, nl=False)
-            click.echo()
-            if trace and turn.result is not None:
-                _print_trace(turn.result)
+        try:
+            await _chat_loop(svc, name, system, kb_ids, trace, params)
+        finally:
+            if svc is not default:
+                await svc.close()
+
+
+async def _chat_loop(svc, name, system, kb_ids, trace, params) -> None:
+    """Create or find session ``name``, then read lines and stream replies until an empty line."""
+    info = await svc.find(name)
+    if info is None:
+        info = await svc.create(name, system=system, kb_ids=kb_ids)
+        click.echo(f"created session {info.name!r} (#{info.id})")
+    elif system or kb_ids:
+        click.echo("note: --system / --kb apply to new sessions only", err=True)
+    click.echo(
+        f"session {info.name!r}: {info.message_count} messages, {info.token_count} tokens "
+        f"({svc.engine.loaded.name}, {svc.mode} attention). Empty line to quit."
+    )
+    while (user := _read_line()) and user.strip():
+        click.echo("bot> ", nl=False)
+        turn = svc.turn(info.id, user, params, trace=trace)
+        async for piece in turn.stream():
+            click.echo(piece, nl=False)
+        click.echo()
+        if trace and turn.result is not None:
+            _print_trace(turn.result)
 
 
 def _print_trace(result) -> None:

@@ -6,12 +6,15 @@ goes to the session's :class:`storage.source.PersistentSource` and is committed 
 transaction** as the turn's message rows. A reply attends over the recent turns (window) plus the
 kNN-retrieved blocks of any earlier turn, and over the session's knowledge bases if it has any.
 
-Live states are a cache (``max_live`` sessions, least recently used first out). A session not in
-the cache (after a restart, or evicted) is rebuilt from the database: the first ``sinks`` tokens
-and the tail from the end of the last committed block are re-read with a sink that discards
-(those tokens' blocks, if any left the window, are already persisted), then the state's positions
-are moved on as if the middle had been evicted. Each message row keeps the token ids it added to
-the stream (``meta["ids"]``), so the rebuilt window holds exactly the tokens the lost one held.
+Live states are a cache (``max_live`` sessions, least recently used first out). An idle state that
+leaves it, and every idle state when the service closes, is spilled to disk
+(:mod:`memllm.chat.spill`, memory mode): the session's next turn restores it bit for bit. A session
+with no matching spill (after a crash, or a turn committed elsewhere since) is rebuilt from the
+database: the first ``sinks`` tokens and the tail from the end of the last committed block are
+re-read with a sink that discards (those tokens' blocks, if any left the window, are already
+persisted), then the state's positions are moved on as if the middle had been evicted. Each
+message row keeps the token ids it added to the stream (``meta["ids"]``), so the rebuilt window
+holds exactly the tokens the lost one held.
 
 A crash loses at most the turn in flight: a turn's rows and blocks commit together or not at all.
 A turn whose consumer stops reading before it ends is not recorded (its live state is dropped).
@@ -40,12 +43,14 @@ import numpy as np
 from sqlalchemy import or_, select
 
 from memllm.attention import MemoryTrace, StreamingAttention, block_layout
+from memllm.chat.spill import Snapshot, SpillStamp, StateSpill
 from memllm.chat.state import DiscardSink, first_local_position, fork_state, shift_positions
 from memllm.conversation import ChatCursor, ChatTemplate, reply_job
 from memllm.engine import Engine
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView
 from memllm.sampling import SamplingParams
 from memllm.serving.jobs import Text, run_job
+from memllm.settings import get_settings
 from memllm.textstream import TextStream
 from storage.models import Chunk, Document, Message
 from storage.owners import Owner
@@ -168,6 +173,20 @@ class _Live:
         return None
 
 
+@dataclass
+class _Window:
+    """The committed stream's sinks [0, n_sinks) and window [local_start, n): message rows that
+    cover them, their token ids, and the stream's first and last messages."""
+
+    n_sinks: int
+    local_start: int
+    rows: list[Message]
+    first: Message | None
+    last: Message | None
+    head: list[int]
+    tail: list[int]
+
+
 class ChatService:
     """Sessions over one engine and one memory store (see module docstring)."""
 
@@ -177,11 +196,19 @@ class ChatService:
         store: MemoryStore,
         *,
         mode: str | None = None,
-        max_live: int = 4,
+        max_live: int | None = None,
+        spill: int | None = None,
         scheduler: Scheduler | None = None,
     ) -> None:
         """``engine=None`` gives a service for the operations that need no model (list, history,
-        export, delete). ``scheduler``: run the model work through it (see the module docstring)."""
+        export, delete). ``scheduler``: run the model work through it (see the module docstring).
+        ``max_live``: live states kept in memory; ``spill``: live states kept on disk, 0 for none
+        (defaults: ``MEMLLM_CHAT_MAX_LIVE``, ``MEMLLM_CHAT_SPILL``)."""
+        settings = get_settings()
+        max_live = settings.chat_max_live if max_live is None else max_live
+        spill = settings.chat_spill if spill is None else spill
+        if max_live < 1 or spill < 0:
+            raise ChatError(f"max_live must be at least 1 and spill at least 0 (got {max_live}, {spill})")
         self.engine = engine
         self.store = store
         self.scheduler = scheduler
@@ -193,8 +220,12 @@ class ChatService:
             self.layout = block_layout(engine.model.config, self.memory)
             self.template = ChatTemplate(engine.tokenizer)
         self.max_live = max_live
+        spills = spill > 0 and engine is not None and self.mode == "memory"  # window mode re-reads its window
+        self.spill = StateSpill(store.data_dir, spill) if spills else None
         self._live: OrderedDict[int, _Live] = OrderedDict()
         self._opening: dict[int, asyncio.Lock] = {}
+        self._spilling: dict[int, asyncio.Event] = {}  # sessions whose state is being written out
+        self._spill_tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------------------ sessions
     async def create(
@@ -269,10 +300,27 @@ class ChatService:
         if live is not None:
             async with live.lock:
                 pass
+        writing = self._spilling.get(session_id)
+        if writing is not None:  # the file it is writing goes with the session's folder
+            await writing.wait()
         return await self.store.delete_owner(Owner.session(session_id))
 
+    async def close(self) -> None:
+        """Spill every idle live state (the next service restores them) and empty the cache."""
+        lives = list(self._live.values())
+        self._live.clear()
+        for live in lives:
+            if not live.lock.locked():
+                self._start_spill(live)
+        await self.wait_spills()
+
+    async def wait_spills(self) -> None:
+        """Wait until the live states on their way to disk are written."""
+        await asyncio.gather(*list(self._spill_tasks), return_exceptions=True)
+
     def drop_live(self, session_id: int | None = None) -> None:
-        """Forget live states (all, or one session's); they are rebuilt from the database on use."""
+        """Forget live states (all, or one session's) without spilling them: they are restored from
+        an earlier spill that still matches the database, or rebuilt from it, on use."""
         if session_id is None:
             for live in self._live.values():
                 if live.source is not None:
@@ -386,18 +434,58 @@ class ChatService:
         async with lock:
             live = self._live.get(session_id)
             if live is None:
+                writing = self._spilling.get(session_id)
+                if writing is not None:  # its state is on the way to disk: restore that
+                    await writing.wait()
                 live = await self._rebuild(session_id)
                 self._live[session_id] = live
-                self._trim_cache()
         self._opening.pop(session_id, None)
+        self._trim_cache()
         return live
 
     def _trim_cache(self) -> None:
+        """Drop the least recently used idle live states beyond ``max_live``, spilling them in the
+        background (the turn that made room does not wait for the write)."""
         for sid in list(self._live):
             if len(self._live) <= self.max_live:
-                break
-            if not self._live[sid].lock.locked():
-                self.drop_live(sid)
+                return
+            live = self._live[sid]
+            if not live.lock.locked():
+                del self._live[sid]
+                self._start_spill(live)
+
+    def _start_spill(self, live: _Live) -> None:
+        """Write a live state that has left the cache to the spill, as a task."""
+        if live.source is not None:
+            live.source.discard_pending()
+        if self.spill is None:
+            return
+        done = self._spilling[live.session_id] = asyncio.Event()  # opening the session waits for it
+        task = asyncio.get_running_loop().create_task(self._spill_out(live, done))
+        self._spill_tasks.add(task)
+        task.add_done_callback(self._spill_tasks.discard)
+
+    async def _spill_out(self, live: _Live, done: asyncio.Event) -> None:
+        """See :meth:`_start_spill`. A failure only costs the next turn a re-read of the window."""
+        assert self.spill is not None
+        spill, sid = self.spill, live.session_id
+        try:
+            async with live.lock:  # a turn that got this state before it left the cache waits
+                state = live.state
+                if state.n_tokens != live.cursor.n_tokens:
+                    log.warning("session %d: live state out of step with its stream; not spilled", sid)
+                    return
+                window = await self._committed_window(sid, live.source, state.n_tokens)
+                stamp = self._stamp(window, state.n_tokens, live.cursor.count)
+                path = await asyncio.to_thread(lambda: spill.save(sid, Snapshot.of(state), stamp))
+            log.info("session %d: live state spilled to %s", sid, path)
+        except Exception as exc:
+            log.warning("session %d: could not spill the live state (%s); its window will be re-read", sid, exc)
+            await asyncio.to_thread(spill.discard, sid)
+        finally:
+            done.set()
+            if self._spilling.get(sid) is done:
+                del self._spilling[sid]
 
     async def _refresh(self, live: _Live) -> None:
         if live.source is not None:
@@ -405,17 +493,8 @@ class ChatService:
         for _, src in live.kb_sources:
             await src.refresh()
 
-    async def _rebuild(self, session_id: int) -> _Live:
-        """The live state of a session from its committed rows (see module docstring)."""
-        info = await self.get(session_id)
-        kb_sources = [(k, await self.store.open_source(Owner.kb(k))) for k in info.kb_ids]
-        source = None
-        if self.mode == "memory":
-            source = await self.store.open_source(Owner.session(session_id), self.layout)
-            source.discard_pending()
-            await source.refresh()
-        state = self.engine.new_state(self.mode, extra_sources=[s for _, s in kb_sources], sink=source)
-        n = info.token_count
+    async def _committed_window(self, session_id: int, source: PersistentSource | None, n: int) -> _Window:
+        """The sinks and window that a state holding the ``n``-token committed stream holds."""
         n_sinks = min(self.memory.sinks, n)
         if source is not None and source.num_blocks():
             local_start = int(source.spans(source.block_ids())[:, 1].max())
@@ -436,6 +515,34 @@ class ChatService:
             first = (await db.execute(ends.order_by(Message.ordinal).limit(1))).scalar_one_or_none()
             last = (await db.execute(ends.order_by(Message.ordinal.desc()).limit(1))).scalar_one_or_none()
         head, tail = _stream_slice(rows, 0, n_sinks), _stream_slice(rows, local_start, n)
+        return _Window(n_sinks, local_start, rows, first, last, head, tail)
+
+    def _stamp(self, window: _Window, n: int, messages: int) -> SpillStamp:
+        return SpillStamp(
+            n_tokens=n,
+            messages=messages,
+            local_start=window.local_start,
+            window_crc=SpillStamp.window_checksum(window.head, window.tail),
+            model=self.engine.loaded.name,
+            dtype=str(self.engine.model.dtype),
+            memory=repr(self.memory),
+        )
+
+    async def _rebuild(self, session_id: int) -> _Live:
+        """The live state of a session from its committed rows: its spilled state if that matches
+        them, else its sinks and window re-read (see module docstring)."""
+        info = await self.get(session_id)
+        kb_sources = [(k, await self.store.open_source(Owner.kb(k))) for k in info.kb_ids]
+        source = None
+        if self.mode == "memory":
+            source = await self.store.open_source(Owner.session(session_id), self.layout)
+            source.discard_pending()
+            await source.refresh()
+        state = self.engine.new_state(self.mode, extra_sources=[s for _, s in kb_sources], sink=source)
+        n = info.token_count
+        window = await self._committed_window(session_id, source, n)
+        rows, first, last, head, tail = window.rows, window.first, window.last, window.head, window.tail
+        n_sinks, local_start = window.n_sinks, window.local_start
         cursor = ChatCursor(
             first=_role_content(first),
             last=_role_content(last),
@@ -443,12 +550,19 @@ class ChatService:
             owed=(last.meta or {}).get("owed", "") if last is not None else "",
             n_tokens=n,
         )
-        if head or tail:
+        spilled = None
+        if self.spill is not None:
+            stamp = self._stamp(window, n, info.message_count)
+            spilled = await asyncio.to_thread(self.spill.load, session_id, stamp)
+        if spilled is not None:
+            spilled.restore(state)
+        elif head or tail:
             await self._model(self._reread, state, source, head, tail, local_start - n_sinks, session_id)
         if state.n_tokens != n:
             raise RuntimeError(f"session {session_id}: rebuilt {state.n_tokens} tokens of a {n}-token stream")
         spans = [(r.token_start, r.token_end, r.id) for r in rows if r.token_end > local_start]
-        log.info("session %d: rebuilt the live window (%d + %d tokens of %d)", session_id, len(head), len(tail), n)
+        how = "restored the spilled" if spilled is not None else "rebuilt the live"
+        log.info("session %d: %s window (%d + %d tokens of %d)", session_id, how, len(head), len(tail), n)
         return _Live(session_id, state, source, kb_sources, cursor, spans)
 
     def _reread(
