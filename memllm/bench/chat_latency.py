@@ -8,6 +8,8 @@ the turn's own tokens are, attending over the window plus retrieved memory block
 medians and their ratio (target: at most 1.3x). Also reported, not part of the ratio, the first
 turn after the session's live state left memory: restored from its spill (a graceful restart, or
 the session pushed out of the live cache), and re-read from the database (after a crash).
+``--breakdown`` also times the long history's turn retrieving 0 blocks per layer (sinks + window
+only) and 8 (instead of the default 32): how much of the ratio the window and the memory cost.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import click
 QUESTION = "In one sentence, what were we just talking about?"
 
 
-async def measure(engine, history_tokens: int, repeats: int, message_tokens: int = 400, log=print) -> dict:
+async def measure(
+    engine, history_tokens: int, repeats: int, message_tokens: int = 400, breakdown: bool = False, log=print
+) -> dict:
     from memllm.bench.common import book_text, eval_data_dir
     from memllm.chat.service import ChatService
     from memllm.evals.conversations import _migrate
@@ -64,6 +68,14 @@ async def measure(engine, history_tokens: int, repeats: int, message_tokens: int
             info = await svc.get(long.id)
             log(f"history: {info.token_count} tokens in {info.message_count} messages, read in {fill_s:.0f} s")
             warm = [(await svc.reply(long.id, QUESTION, params)).ttft_s for _ in range(repeats)]
+            parts = {}
+            if breakdown:  # the same turn retrieving fewer blocks per layer: what the fixed cost is made of
+                state = svc._live[long.id].state
+                default = state.top_k
+                for k in (0, 8):
+                    state.top_k = tuple(min(k, d) for d in default)
+                    parts[f"top_k={k}"] = [(await svc.reply(long.id, QUESTION, params)).ttft_s for _ in range(repeats)]
+                state.top_k = default
             await svc.close()  # every live state to disk, as at a graceful shutdown
             restored = (await svc.reply(long.id, QUESTION, params)).ttft_s
             svc.drop_live(long.id)  # a crash: that turn made the spill stale, the window is re-read
@@ -76,6 +88,7 @@ async def measure(engine, history_tokens: int, repeats: int, message_tokens: int
         "memory_blocks": blocks,
         "ttft_empty_s": empty,
         "ttft_history_s": warm,
+        "ttft_history_by_top_k_s": parts,
         "ttft_after_spill_s": restored,
         "ttft_after_crash_s": cold,
         "ratio": statistics.median(warm) / statistics.median(empty),
@@ -87,9 +100,14 @@ async def measure(engine, history_tokens: int, repeats: int, message_tokens: int
 @click.option("--history-tokens", default="100k", show_default=True, help="history length (k suffix ok)")
 @click.option("--repeats", default=3, show_default=True)
 @click.option(
+    "--breakdown",
+    is_flag=True,
+    help="also time the long history's turn retrieving 0 (window only) and 8 blocks per layer",
+)
+@click.option(
     "--out", type=click.Path(path_type=Path), default=Path("bench-results/chat_latency.json"), show_default=True
 )
-def chat_latency(history_tokens: str, repeats: int, out: Path) -> None:
+def chat_latency(history_tokens: str, repeats: int, breakdown: bool, out: Path) -> None:
     """Time to first token: empty history vs a long one (one run; prints the ratio)."""
     from memllm.bench.common import machine_info, parse_sizes, write_json
     from memllm.engine import Engine
@@ -99,12 +117,16 @@ def chat_latency(history_tokens: str, repeats: int, out: Path) -> None:
     settings = get_settings()
     engine = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
     n = parse_sizes(history_tokens)[0]
-    result = asyncio.run(measure(engine, n, repeats, log=lambda s: click.echo(s, err=True)))
+    result = asyncio.run(measure(engine, n, repeats, breakdown=breakdown, log=lambda s: click.echo(s, err=True)))
     click.echo(
         f"time to first token: empty history {statistics.median(result['ttft_empty_s']):.3f} s, "
         f"{result['history_tokens']} tokens of history {statistics.median(result['ttft_history_s']):.3f} s "
         f"-> ratio {result['ratio']:.2f}x (target <= 1.3x)"
     )
+    empty = statistics.median(result["ttft_empty_s"])
+    for label, times in result["ttft_history_by_top_k_s"].items():
+        median = statistics.median(times)
+        click.echo(f"  the same turn with {label}: {median:.3f} s ({median / empty:.2f}x)")
     click.echo(
         f"first turn after the live state left memory: restored from its spill {result['ttft_after_spill_s']:.3f} s, "
         f"re-read from the database (a crash) {result['ttft_after_crash_s']:.3f} s"

@@ -123,7 +123,7 @@ def test_auth_cannot_be_off_beyond_loopback(tmp_path):
 
 def test_data_and_memory_survive_a_restart(tmp_path):
     data_dir = prepare_data_dir(tmp_path / "data")
-    env = {"MEMLLM_API_DEFAULT_MAX_TOKENS": "12"}
+    env = {"MEMLLM_API_DEFAULT_MAX_TOKENS": "12", "MEMLLM_LOG_LEVEL": "INFO"}
     fact = "The lighthouse keeper's parrot is called Ptolemy and it speaks Portuguese."
     with ServerProcess(data_dir, env, args=("--no-demo",)) as srv:
         c = httpx.Client(base_url=srv.url, timeout=120)
@@ -134,6 +134,7 @@ def test_data_and_memory_survive_a_restart(tmp_path):
         c.post(f"/api/sessions/{sid}/messages", json={"content": "My name is Zorblax. Remember it."})
         before_blocks = c.get(f"/api/kbs/{kb['id']}").json()["memory_blocks"]
         before_history = c.get(f"/api/sessions/{sid}/messages").json()["data"]
+    assert (data_dir / "memory" / f"session-{sid}" / "live-state.pt").exists()  # spilled at shutdown
     with ServerProcess(data_dir, env, args=("--no-demo",)) as srv:
         c = httpx.Client(base_url=srv.url, timeout=120)
         assert c.get(f"/api/kbs/{kb['id']}").json()["memory_blocks"] == before_blocks > 0
@@ -143,6 +144,7 @@ def test_data_and_memory_survive_a_restart(tmp_path):
         assert c.get(f"/api/sessions/{sid}/messages").json()["data"] == before_history
         reply = c.post(f"/api/sessions/{sid}/messages", json={"content": "What is my name?"}).json()
         assert "zorblax" in reply["message"]["content"].lower()
+        assert f"session {sid}: restored the spilled window" in srv.log(200_000)  # not re-read
 
 
 def _wait_ready(c: httpx.Client, kb_id: int, doc_id: int, timeout_s: float = 120) -> None:
