@@ -56,13 +56,17 @@ def test_sessions_commands_without_a_model(cli_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_chat_session_persists_turns_across_runs(model_ready, cli_env, tmp_path):
-    """Two separate `memllm chat --session` runs (two "processes"): the second continues the first."""
+def test_chat_session_persists_turns_across_runs(model_ready, cli_env, tmp_path, caplog):
+    """Two separate `memllm chat --session` runs (two "processes"): the second continues the first,
+    from the live state the first spilled when it ended."""
     runner = CliRunner()
     first = _ok(runner.invoke(chat, ["--session", "trip", "--max-tokens", "4"], input="My name is Ada.\n\n"))
     assert "created session 'trip'" in first and "bot> " in first
+    assert len(list(cli_env.glob("memory/session-*/live-state.pt"))) == 1
+    caplog.set_level("INFO", logger="memllm.chat.service")
     second = _ok(runner.invoke(chat, ["--session", "trip", "--max-tokens", "4"], input="What is my name?\n\n"))
     assert "session 'trip': 2 messages" in second
+    assert "restored the spilled window" in caplog.text
     shown = json.loads(_ok(runner.invoke(sessions, ["show", "trip", "--json"])))
     assert [m["role"] for m in shown["messages"]] == ["user", "assistant", "user", "assistant"]
     assert shown["messages"][0]["content"] == "My name is Ada."
