@@ -69,6 +69,7 @@ def info() -> None:
     click.echo(f"threads       {torch.get_num_threads()}")
     click.echo(f"data dir      {settings.data_dir}")
     click.echo(f"database      {settings.resolved_database_url}")
+    click.echo(f"chat          {settings.chat_max_live} live sessions in memory, {settings.chat_spill} on disk")
     for f in dataclasses.fields(settings.memory):
         click.echo(f"memory.{f.name:<20} {getattr(settings.memory, f.name)}")
 

@@ -46,9 +46,10 @@ def test_chat_answers_in_the_context_of_earlier_turns(real_model):
 
 @pytest.mark.slow
 def test_info_lists_model_and_settings(real_model):
-    r = memllm("info", env_extra={"MEMLLM_MEMORY_TOP_K": "9"})
+    r = memllm("info", env_extra={"MEMLLM_MEMORY_TOP_K": "9", "MEMLLM_CHAT_SPILL": "3"})
     assert r.returncode == 0, r.stderr
     assert "30 layers" in r.stdout and "memory.top_k" in r.stdout and " 9" in r.stdout
+    assert "4 live sessions in memory, 3 on disk" in r.stdout
 
 
 def test_errors_are_one_clear_line(tmp_path):
