@@ -46,7 +46,7 @@ from memllm.memory.retrieval import (
     search_vectors,
     zscores,
 )
-from memllm.memory.source import MemorySource, WritableMemorySource
+from memllm.memory.source import MemorySource, WritableMemorySource, stable_ids
 from memllm.memory.token_memory import TokenMemory
 from memllm.memory.types import BlockLayout, MemoryBlock
 from memllm.model import ModelConfig, Transformer
@@ -429,16 +429,47 @@ class StreamingAttention:
         chosen = _merge_rows(scores, ids, top_k)
         if chosen.size == 0:
             return None
-        fetched = self.memory.fetch(layer, chosen)
-        n, bs = fetched.keys.shape[0], fetched.keys.shape[2]
-        keys, values = _blocks_as_keys(fetched.keys, q.dtype), _blocks_as_keys(fetched.values, q.dtype)
-        valid = torch.arange(bs).unsqueeze(0) < torch.from_numpy(fetched.lengths).unsqueeze(1)  # (n, bs)
-        got = _Retrieved(chosen, keys, values, valid.reshape(1, 1, 1, n * bs), bs)
+        got = self._gather_blocks(layer, chosen, q.dtype)
         self._retrieved[layer] = got
         if self.trace is not None:
             for block_id in chosen.tolist():
                 self.trace.retrieved[block_id] += 1
         return got
+
+    def _gather_blocks(self, layer: int, chosen: np.ndarray, dtype: torch.dtype) -> _Retrieved:
+        """Blocks ``chosen`` (in that order) as this layer's memory keys and values. Blocks its
+        previous search already brought are copied from there instead of being fetched and cast
+        again: consecutive searches share most blocks (94-96% between the turns of a chat with
+        different questions, docs/RESULTS.md). Provisional ids are always fetched (see
+        :func:`memllm.memory.source.stable_ids`). The result is the same either way, bit for bit."""
+        prev = self._retrieved.get(layer)
+        held: dict[int, int] = {}
+        if prev is not None and prev.keys.dtype == dtype:
+            keep = stable_ids(prev.ids)
+            held = {b: j for j, b in enumerate(prev.ids.tolist()) if keep[j]}
+        missing = np.array([b for b in chosen.tolist() if b not in held], dtype=np.int64)
+        if len(missing) == len(chosen):
+            return self._fetch_blocks(layer, chosen, dtype)
+        if len(missing) == 0 and np.array_equal(chosen, prev.ids):
+            return prev
+        new = self._fetch_blocks(layer, missing, dtype) if len(missing) else None
+        at_new = {b: j for j, b in enumerate(missing.tolist())}
+        bs = self.layout.block_size
+        parts = []
+        for b in chosen.tolist():
+            src, j = (prev, held[b]) if b in held else (new, at_new[b])
+            parts.append((src, slice(j * bs, (j + 1) * bs)))
+        keys = torch.cat([src.keys[:, :, sl] for src, sl in parts], dim=2)
+        values = torch.cat([src.values[:, :, sl] for src, sl in parts], dim=2)
+        mask = torch.cat([src.mask[..., sl] for src, sl in parts], dim=-1)
+        return _Retrieved(chosen, keys, values, mask, bs)
+
+    def _fetch_blocks(self, layer: int, block_ids: np.ndarray, dtype: torch.dtype) -> _Retrieved:
+        fetched = self.memory.fetch(layer, block_ids)
+        n, bs = fetched.keys.shape[0], fetched.keys.shape[2]
+        keys, values = _blocks_as_keys(fetched.keys, dtype), _blocks_as_keys(fetched.values, dtype)
+        valid = torch.arange(bs).unsqueeze(0) < torch.from_numpy(fetched.lengths).unsqueeze(1)  # (n, bs)
+        return _Retrieved(block_ids, keys, values, valid.reshape(1, 1, 1, n * bs), bs)
 
 
 def _blocks_as_keys(payload: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

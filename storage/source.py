@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memllm.memory.faiss_index import BlockIndex
-from memllm.memory.source import SOURCE_SHIFT, pad_block
+from memllm.memory.source import PROVISIONAL_BASE, pad_block
 from memllm.memory.types import BlockLayout, FetchedBlocks, MemoryBlock
 from storage.blockfile import PayloadReader, RecordView
 from storage.checksums import combine, id_set_checksum
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PENDING_BASE = 1 << (SOURCE_SHIFT - 1)  # provisional ids of staged blocks; DB ids stay far below
+PENDING_BASE = PROVISIONAL_BASE  # provisional ids of staged blocks, reused; DB ids stay far below
 VIEW_CACHE_BLOCKS = 16384  # record views kept per source (each a few hundred bytes; the data stays in the map)
 
 

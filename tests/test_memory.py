@@ -13,7 +13,7 @@ import torch
 from kernels.reference import attention_with_lse
 from memllm.attention import StreamingAttention, block_layout, parse_layer_top_k
 from memllm.memory.faiss_index import BlockIndex
-from memllm.memory.source import InMemorySource, MemoryView, split_view_id
+from memllm.memory.source import PROVISIONAL_BASE, InMemorySource, MemoryView, split_view_id
 from memllm.memory.types import MemoryBlock
 from memllm.rope import Rope
 from memllm.settings import MemorySettings, memory_overrides
@@ -317,3 +317,73 @@ def test_per_head_rows_score_one_head_at_a_time():
     assert typical.abs().mean() < 1.5
     planted = zscores((vectors * vectors).sum(-1, keepdim=True) * 3, vectors, kv, mean, cov)
     assert (planted > 3).all()
+
+
+def _fetching_without_reuse(monkeypatch) -> None:
+    """Every search fetches and casts all its blocks again (the path before reuse)."""
+    monkeypatch.setattr(StreamingAttention, "_gather_blocks", StreamingAttention._fetch_blocks)
+
+
+def test_blocks_of_the_previous_search_are_reused_with_the_same_result(tiny, monkeypatch):
+    """Consecutive searches share blocks: the shared ones are copied, not fetched again, and the
+    logits and every retrieved key stay bit for bit those of fetching everything."""
+    mem = dataclasses.replace(SMALL, top_k=4)
+    ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
+
+    def read(reuse: bool) -> tuple[torch.Tensor, StreamingAttention, int]:
+        state = _state(tiny, mem)
+        fetched = 0
+        fetch = state.memory.fetch
+
+        def counting(layer, block_ids):
+            nonlocal fetched
+            fetched += len(block_ids)
+            return fetch(layer, block_ids)
+
+        state.memory.fetch = counting
+        with monkeypatch.context() as m:
+            if not reuse:
+                _fetching_without_reuse(m)
+            logits = torch.cat(
+                [_read(tiny, state, ids[:, i : i + 8], 1 if i >= 160 else 8) for i in range(0, 200, 8)], 1
+            )
+        return logits, state, fetched
+
+    logits, state, fetched = read(reuse=True)
+    plain_logits, plain, plain_fetched = read(reuse=False)
+    assert torch.equal(logits, plain_logits)
+    for layer, got in state._retrieved.items():
+        want = plain._retrieved[layer]
+        assert np.array_equal(got.ids, want.ids)
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+        assert torch.equal(got.mask, want.mask)
+    assert fetched < 0.75 * plain_fetched  # many blocks came from the previous search
+
+
+class _ProvisionalSource(InMemorySource):
+    """An in-memory source whose ids are all provisional, like a store's staged blocks."""
+
+    def search(self, layer: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = super().search(layer, queries, k)
+        return scores, np.where(ids >= 0, ids + PROVISIONAL_BASE, ids)
+
+    def fetch(self, layer: int, block_ids: np.ndarray):
+        return super().fetch(layer, np.asarray(block_ids) - PROVISIONAL_BASE)
+
+
+@pytest.mark.parametrize("provisional", [False, True])
+def test_only_stable_block_ids_are_reused(tiny, provisional):
+    """A provisional id may name another payload at the next search: it is fetched again. A
+    stable id names one payload for good: it is reused."""
+    layout = block_layout(tiny.config, SMALL)
+    source = (_ProvisionalSource if provisional else InMemorySource)(layout)
+    state = StreamingAttention(tiny.config, tiny.rope, SMALL, memory=source, sink=source)
+    _read(tiny, state, torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(5)), 16)
+    layer, before = next(iter(state._retrieved.items()))
+    source._keys *= 2  # every payload changes under its id (a staged id given to another block)
+    source._values *= 2
+    again = state._gather_blocks(layer, before.ids, before.keys.dtype)
+    if provisional:
+        assert torch.equal(again.keys, 2 * before.keys) and torch.equal(again.values, 2 * before.values)
+    else:
+        assert again is before

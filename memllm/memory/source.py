@@ -6,7 +6,10 @@ bases (persisted). ``MemoryView`` combines several sources into one, so a forwar
 "this input + session S + knowledge bases K1..Kn" without knowing where blocks live.
 
 Block ids are int64 and unique within a source; a view makes them unique across sources by putting
-the source's position in the top bits (``view_id = (source_index << 48) | block_id``).
+the source's position in the top bits (``view_id = (source_index << 48) | block_id``). An id names
+one payload for as long as its source lives, except *provisional* ids (``>= PROVISIONAL_BASE``
+within a source): a writable source may give a staged block one and reuse it once the block is
+committed or discarded (see :func:`stable_ids`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from memllm.memory.types import BlockLayout, FetchedBlocks, MemoryBlock
 
 SOURCE_SHIFT = 48
 LOCAL_MASK = (1 << SOURCE_SHIFT) - 1
+PROVISIONAL_BASE = 1 << (SOURCE_SHIFT - 1)  # ids from here up (within a source) may be reused
+
+
+def stable_ids(ids: np.ndarray) -> np.ndarray:
+    """bool mask of the (source or view) block ids that name one payload for their source's life."""
+    return (np.asarray(ids, dtype=np.int64) & LOCAL_MASK) < PROVISIONAL_BASE
 
 
 @runtime_checkable

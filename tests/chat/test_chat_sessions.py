@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from chat_helpers import SMALL_MEMORY, make_service
+from chat_helpers import SMALL_MEMORY, make_service, migrated_store
 from sqlalchemy import select
 
+from memllm.attention import StreamingAttention
 from memllm.chat import ChatError, SessionNotFoundError
 from memllm.sampling import SamplingParams
 from storage.models import MemoryBlockRow, Message
@@ -269,3 +270,33 @@ def test_stream_slice_refuses_missing_ids():
     with pytest.raises(RuntimeError):
         _stream_slice([Row()], 0, 3)
     assert np.array_equal(np.array(_stream_slice([], 0, 0)), np.array([]))
+
+
+async def test_turns_reuse_retrieved_blocks_exactly_even_when_staged_ids_come_back(
+    tiny_chat, store, tmp_path, monkeypatch
+):
+    """Turns and chunks reuse the blocks of the previous search (memllm.attention), also while a
+    long message's evicted blocks are searchable mid-turn under provisional ids: the replies and the
+    final state equal those of a session that fetches every block on every search."""
+    long_text = " ".join(f"fact{i} is {i * 7}" for i in range(40))  # several chunks: blocks leave mid-read
+
+    async def converse(svc):
+        info = await svc.create("reuse")
+        replies = []
+        for i in range(4):
+            replies.append((await svc.reply(info.id, f"Turn {i}. {long_text} What was fact{3 + i}?", PARAMS)).text)
+        return replies, svc._live[info.id].state
+
+    replies, state = await converse(make_service(tiny_chat, store))
+    plain_store = await migrated_store(f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}", tmp_path / "plain")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(StreamingAttention, "_gather_blocks", StreamingAttention._fetch_blocks)
+            plain_replies, plain = await converse(make_service(tiny_chat, plain_store))
+    finally:
+        await plain_store.close()
+    assert replies == plain_replies
+    n = state.buf.length
+    assert n == plain.buf.length and state.n_tokens == plain.n_tokens
+    for name in ("raw", "rot", "val", "mass"):
+        assert torch.equal(getattr(state.buf, name)[:, :, :, :n], getattr(plain.buf, name)[:, :, :, :n]), name
