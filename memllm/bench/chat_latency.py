@@ -3,9 +3,11 @@
 One run: a session with no history answers a short question (a fresh session per repeat); a second
 session is filled with ``--history-tokens`` of real text (a Gutenberg book, as alternating user /
 assistant messages read through the model and persisted as session memory), then answers the same
-question ``--repeats`` times with its live state warm. The history is not re-read on a turn; only
-the turn's own tokens are, attending over the window plus retrieved memory blocks. Prints both
-medians and their ratio (target: at most 1.3x). Also reported, not part of the ratio, the first
+question ``--repeats`` times with its live state warm (several lengths, ``10k,50k,100k``: the same
+session is read up to each in turn and timed there, so the flat curve is measured in one run).
+The history is not re-read on a turn; only the turn's own tokens are, attending over the window
+plus retrieved memory blocks. Prints a table of the medians and their ratios to the empty history
+(target: at most 1.3x at 100K). Also reported, not part of the ratio, the first
 turn after the session's live state left memory: restored from its spill (a graceful restart, or
 the session pushed out of the live cache), and re-read from the database (after a crash).
 ``--breakdown`` also times the long history's turn retrieving 0 blocks per layer (sinks + window
@@ -26,14 +28,22 @@ QUESTION = "In one sentence, what were we just talking about?"
 
 
 async def measure(
-    engine, history_tokens: int, repeats: int, message_tokens: int = 400, breakdown: bool = False, log=print
+    engine,
+    history_tokens: int | list[int],
+    repeats: int,
+    message_tokens: int = 400,
+    breakdown: bool = False,
+    log=print,
 ) -> dict:
+    """One run: the empty-history turns, then one session read up to each of ``history_tokens``
+    (ascending) in turn, with its warm turns timed at each; the rest at the last length."""
     from memllm.bench.common import book_text, eval_data_dir
     from memllm.chat.service import ChatService
     from memllm.evals.conversations import _migrate
     from memllm.sampling import SamplingParams
     from storage.store import MemoryStore
 
+    lengths = sorted([history_tokens] if isinstance(history_tokens, int) else history_tokens)
     params = SamplingParams(max_tokens=1)
     with tempfile.TemporaryDirectory(prefix="memllm-bench-") as tmp:
         url = f"sqlite+aiosqlite:///{tmp}/bench.db"
@@ -49,13 +59,8 @@ async def measure(
 
             long = await svc.create("long")
             ids = engine.encode(book_text(eval_data_dir() / "gutenberg" / "moby_dick.txt"))
-            messages = []
-            for i in range(-(-history_tokens // message_tokens)):
-                start = (i * message_tokens) % max(1, len(ids) - message_tokens)  # wraps around the book
-                role = "user" if i % 2 == 0 else "assistant"
-                messages.append({"role": role, "content": engine.tokenizer.decode(ids[start : start + message_tokens])})
             t0 = time.perf_counter()
-            read = 0
+            read, sent, checkpoints = 0, 0, []
 
             def progress(n: int) -> None:
                 nonlocal read
@@ -63,11 +68,29 @@ async def measure(
                 if read // 10_000 != (read - n) // 10_000:
                     log(f"  read {read} tokens of history ({read / (time.perf_counter() - t0):.0f} tok/s)")
 
-            await svc.append_messages(long.id, messages, progress=progress)
-            fill_s = time.perf_counter() - t0
-            info = await svc.get(long.id)
-            log(f"history: {info.token_count} tokens in {info.message_count} messages, read in {fill_s:.0f} s")
-            warm = [(await svc.reply(long.id, QUESTION, params)).ttft_s for _ in range(repeats)]
+            for length in lengths:
+                messages = []
+                while sent * message_tokens < length:
+                    start = (sent * message_tokens) % max(1, len(ids) - message_tokens)  # wraps around the book
+                    role = "user" if sent % 2 == 0 else "assistant"
+                    text = engine.tokenizer.decode(ids[start : start + message_tokens])
+                    messages.append({"role": role, "content": text})
+                    sent += 1
+                await svc.append_messages(long.id, messages, progress=progress)
+                fill_s = time.perf_counter() - t0
+                info = await svc.get(long.id)
+                log(f"history: {info.token_count} tokens in {info.message_count} messages, read in {fill_s:.0f} s")
+                warm = [(await svc.reply(long.id, QUESTION, params)).ttft_s for _ in range(repeats)]
+                blocks = svc._live[long.id].source.num_blocks()
+                checkpoints.append(
+                    {
+                        "history_tokens": info.token_count,
+                        "memory_blocks": blocks,
+                        "ttft_s": warm,
+                        "ratio": statistics.median(warm) / statistics.median(empty),
+                    }
+                )
+                log(f"  first token {statistics.median(warm):.3f} s ({checkpoints[-1]['ratio']:.2f}x empty)")
             parts = {}
             if breakdown:  # the same turn retrieving fewer blocks per layer: what the fixed cost is made of
                 state = svc._live[long.id].state
@@ -80,24 +103,30 @@ async def measure(
             restored = (await svc.reply(long.id, QUESTION, params)).ttft_s
             svc.drop_live(long.id)  # a crash: that turn made the spill stale, the window is re-read
             cold = (await svc.reply(long.id, QUESTION, params)).ttft_s
-            blocks = svc._live[long.id].source.num_blocks()
         finally:
             await store.close()
+    last = checkpoints[-1]
     return {
-        "history_tokens": info.token_count,
-        "memory_blocks": blocks,
+        "history_tokens": last["history_tokens"],
+        "memory_blocks": last["memory_blocks"],
         "ttft_empty_s": empty,
-        "ttft_history_s": warm,
+        "ttft_history_s": last["ttft_s"],
+        "ratio": last["ratio"],
+        "checkpoints": checkpoints,
         "ttft_history_by_top_k_s": parts,
         "ttft_after_spill_s": restored,
         "ttft_after_crash_s": cold,
-        "ratio": statistics.median(warm) / statistics.median(empty),
         "fill_s": fill_s,
     }
 
 
 @click.command("chat-latency")
-@click.option("--history-tokens", default="100k", show_default=True, help="history length (k suffix ok)")
+@click.option(
+    "--history-tokens",
+    default="100k",
+    show_default=True,
+    help="history length, or several (10k,100k): one session read up to each in turn, timed at each",
+)
 @click.option("--repeats", default=3, show_default=True)
 @click.option(
     "--breakdown",
@@ -108,22 +137,35 @@ async def measure(
     "--out", type=click.Path(path_type=Path), default=Path("bench-results/chat_latency.json"), show_default=True
 )
 def chat_latency(history_tokens: str, repeats: int, breakdown: bool, out: Path) -> None:
-    """Time to first token: empty history vs a long one (one run; prints the ratio)."""
-    from memllm.bench.common import machine_info, parse_sizes, write_json
+    """Time to first token: empty history vs long ones (one run; prints the ratios)."""
+    from memllm.bench.common import format_table, machine_info, parse_sizes, write_json
     from memllm.engine import Engine
     from memllm.loading import load_model
     from memllm.settings import get_settings
 
     settings = get_settings()
     engine = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
-    n = parse_sizes(history_tokens)[0]
-    result = asyncio.run(measure(engine, n, repeats, breakdown=breakdown, log=lambda s: click.echo(s, err=True)))
+    lengths = parse_sizes(history_tokens)
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    result = asyncio.run(measure(engine, lengths, repeats, breakdown=breakdown, log=log))
+    empty = statistics.median(result["ttft_empty_s"])
+    rows = [{"history tokens": 0, "memory blocks": 0, "first token s": round(empty, 3), "x empty": 1.0}]
+    for c in result["checkpoints"]:
+        median = statistics.median(c["ttft_s"])
+        rows.append(
+            {
+                "history tokens": c["history_tokens"],
+                "memory blocks": c["memory_blocks"],
+                "first token s": round(median, 3),
+                "x empty": round(c["ratio"], 2),
+            }
+        )
+    click.echo(format_table(rows))
     click.echo(
-        f"time to first token: empty history {statistics.median(result['ttft_empty_s']):.3f} s, "
+        f"time to first token: empty history {empty:.3f} s, "
         f"{result['history_tokens']} tokens of history {statistics.median(result['ttft_history_s']):.3f} s "
         f"-> ratio {result['ratio']:.2f}x (target <= 1.3x)"
     )
-    empty = statistics.median(result["ttft_empty_s"])
     for label, times in result["ttft_history_by_top_k_s"].items():
         median = statistics.median(times)
         click.echo(f"  the same turn with {label}: {median:.3f} s ({median / empty:.2f}x)")
