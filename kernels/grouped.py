@@ -79,8 +79,14 @@ def keys_attention_with_lse(
     """
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
+    every_row_has_a_key = key_mask is None or bool(key_mask.any(-1).all())
+    if tq == 1 and q.dtype == torch.bfloat16 and k.dtype == v.dtype == q.dtype and every_row_has_a_key:
+        # a decode step: the grouped matmuls beat the flash kernel in bfloat16 (0.27 against 0.43 ms
+        # per layer for 4,096 keys, cold caches; in float32 flash wins, 0.22 against 0.31 ms)
+        out, lse, _ = decode_attention_with_lse(q, k, v, scale, key_mask=key_mask)
+        return out, lse
     fits = _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
-    if not fits or k.dtype != q.dtype or v.dtype != q.dtype or (key_mask is not None and not key_mask.any(-1).all()):
+    if not fits or k.dtype != q.dtype or v.dtype != q.dtype or not every_row_has_a_key:
         out, lse, _ = grouped_attention_with_lse(q, k, v, key_mask, scale)
         return out, lse
     bias = None
@@ -104,13 +110,19 @@ def few_query_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_key_mass: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    return_key_mass: bool = False,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`grouped_attention_with_lse` for one query token that sees every key (decode).
+    """:func:`grouped_attention_with_lse` for one query token (decode).
 
-    q (B, Hq, 1, D); k, v (B, Hkv, Tk, D) with Tk >= 1 -> (out (B, Hq, 1, D) in q's dtype, lse
+    q (B, Hq, 1, D); k, v (B, Hkv, Tk, D) with Tk >= 1; key_mask None (every key visible) or bool
+    (B or 1, 1, 1, Tk) with at least one True per row -> (out (B, Hq, 1, D) in q's dtype, lse
     (B, Hq, 1) float32, key_mass (B, Hkv, Tk) float32 or None). The same math in about a third of
-    the operations: with one query and at least one key there is no mask and no empty row, and the
+    the operations: with one query and at least one visible key there is no empty row, and the
     probabilities are normalised through the log-sum-exp directly. A decode step calls this once
     per layer and stream, so its fixed cost, not its arithmetic, is what matters.
     """
@@ -118,6 +130,8 @@ def decode_attention_with_lse(
     hkv = k.shape[1]
     g = hq // hkv
     scores = few_query_scores(q.view(b, hkv, g, d), k).mul_(scale)  # (B, Hkv, G, Tk)
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask.reshape(key_mask.shape[0], 1, 1, -1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, Hkv, G, 1)
     probs = scores.sub_(lse).exp_()
     out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G, D)
