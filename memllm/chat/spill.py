@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SPILL_FILE = "live-state.pt"
 FORMAT = 1
+STALE_TMP_S = 600  # a partial write this old was left by a process that died while writing
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,16 @@ class StateSpill:
         """Write the session's state (replacing an older one), then drop the oldest beyond ``keep``."""
         path = self.path(session_id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{path.stem}.tmp-*"):
+            if time.time() - old.stat().st_mtime > STALE_TMP_S:
+                old.unlink(missing_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         payload = {"format": FORMAT, "stamp": dataclasses.asdict(stamp), **dataclasses.asdict(snapshot)}
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
         self._prune()
         return path
 

@@ -4,6 +4,9 @@ SQLite file and real FAISS indexes."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +141,29 @@ async def test_spill_settings(tiny_chat, store):
     assert make_service(tiny_chat, store, dataclasses.replace(SMALL_MEMORY, mode="window")).spill is None
     with pytest.raises(ChatError, match="max_live"):
         make_service(tiny_chat, store, max_live=0)
+
+
+async def test_a_failed_spill_leaves_no_file_and_costs_only_a_reread(tiny_chat, store, monkeypatch, caplog):
+    svc = make_service(tiny_chat, store)
+    a = await svc.create("a")
+    await _talk(svc, a.id, 2, "alpha")
+    folder = svc.spill.path(a.id).parent
+    stale = folder / "live-state.tmp-999999"  # left by a process that died while writing
+    stale.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+
+    def disk_full(obj, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full)
+        await svc.close()
+    assert "could not spill the live state" in caplog.text
+    assert sorted(p.name for p in folder.glob("live-state*")) == []
+
+    restarted = make_service(tiny_chat, store)
+    rereads = _count_rereads(restarted)
+    live = await restarted._get_live(a.id)
+    assert len(rereads) == 1 and live.state.n_tokens == (await restarted.get(a.id)).token_count
