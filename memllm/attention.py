@@ -15,6 +15,9 @@ Positions. Local tokens live in compact slots: slot i is rotated at position i (
 0..sinks-1, the local window follows), so every local distance stays below sinks+window+chunk.
 Memory keys are stored before RoPE and left unrotated; queries attending to them are rotated at
 ``memory_distance``, so every memory key is seen at that one distance (inside the trained range).
+With ``memory_positions="ordered"`` a retrieved block's keys are rotated at their offsets in the
+block (0..bs-1) and the queries at ``memory_distance + bs - 1``: every block is seen at the same
+place, its tokens in their own order and spacing (distances memory_distance .. + bs - 1).
 
 Protocol per forward: ``begin(n)`` (evicts, fixes positions), the model calls ``attend`` once per
 layer, ``end()`` commits. ``forward(model, tokens)`` does all three.
@@ -54,6 +57,7 @@ from memllm.rope import Rope
 from memllm.settings import MemorySettings
 
 MODES = ("full", "window", "memory", "memorizing")
+MEMORY_POSITIONS = ("fixed", "ordered")
 
 
 class ContextLengthError(ValueError):
@@ -182,6 +186,8 @@ class StreamingAttention:
             raise ValueError(f"unknown attention mode {mem.mode!r}; choose one of {MODES}")
         if mem.mode in ("memory", "memorizing") and batch != 1:
             raise ValueError(f"{mem.mode} mode reads one stream at a time (batch=1)")
+        if mem.memory_positions not in MEMORY_POSITIONS:
+            raise ValueError(f"unknown memory_positions {mem.memory_positions!r}; choose one of {MEMORY_POSITIONS}")
         if mem.mode != "full" and mem.window % mem.block_size:
             raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
         self.cfg, self.rope, self.mem, self.dtype = cfg, rope, mem, dtype
@@ -207,7 +213,8 @@ class StreamingAttention:
         self._decode_steps = 0
         self._retrieved: dict[int, _Retrieved] = {}
         self._scale = 1.0 / math.sqrt(cfg.head_dim)
-        self._mem_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cos_sin_at: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_offsets: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------------- forward protocol
     def forward(self, model: Transformer, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -379,7 +386,7 @@ class StreamingAttention:
         retrieved = self._retrieve(layer, q)
         if retrieved is None:
             return out_l
-        q_mem = self._rotate_for_memory(q)
+        q_mem = self._rotate_at(q, self._block_query_position)
         if self.trace is None:  # no per-block attention to record: the fused kernel
             out_m, lse_m = keys_attention_with_lse(q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale)
         else:
@@ -394,10 +401,30 @@ class StreamingAttention:
         return merge_attention([(out_l, lse_l), (out_m, lse_m + self.mem.memory_bias)])
 
     def _rotate_for_memory(self, q: torch.Tensor) -> torch.Tensor:
-        if self._mem_cos_sin is None or self._mem_cos_sin[0].dtype != q.dtype:
-            self._mem_cos_sin = self.rope.cos_sin(torch.tensor([self.mem.memory_distance]), q.dtype)
-        cos, sin = self._mem_cos_sin
-        return Rope.rotate(q, cos, sin)
+        """q rotated at ``memory_distance``: the token memory's keys are unrotated (distance fixed)."""
+        return self._rotate_at(q, self.mem.memory_distance)
+
+    @property
+    def _block_query_position(self) -> int:
+        """Where queries attending to retrieved blocks are rotated (see the module docstring)."""
+        ordered = self.mem.memory_positions == "ordered"
+        return self.mem.memory_distance + (self.layout.block_size - 1 if ordered else 0)
+
+    def _rotate_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """x (B, H, T, D) with every token rotated at one ``position``."""
+        key = (position, x.dtype)
+        if key not in self._cos_sin_at:
+            self._cos_sin_at[key] = self.rope.cos_sin(torch.tensor([position]), x.dtype)
+        cos, sin = self._cos_sin_at[key]
+        return Rope.rotate(x, cos, sin)
+
+    def _order_block_keys(self, keys: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Keys (1, Hkv, n*bs, D) of n whole blocks, each token rotated at its offset in its block."""
+        if keys.dtype not in self._block_offsets:
+            self._block_offsets[keys.dtype] = self.rope.cos_sin(torch.arange(block_size), keys.dtype)
+        cos, sin = self._block_offsets[keys.dtype]  # (bs, D)
+        _, hkv, length, d = keys.shape
+        return Rope.rotate(keys.view(1, hkv * (length // block_size), block_size, d), cos, sin).view(keys.shape)
 
     def _search_per_head(self, layer: int, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Per (asking token, query head) searches, z-scored against the local keys' statistics.
@@ -468,6 +495,8 @@ class StreamingAttention:
         fetched = self.memory.fetch(layer, block_ids)
         n, bs = fetched.keys.shape[0], fetched.keys.shape[2]
         keys, values = _blocks_as_keys(fetched.keys, dtype), _blocks_as_keys(fetched.values, dtype)
+        if self.mem.memory_positions == "ordered":
+            keys = self._order_block_keys(keys, bs)
         valid = torch.arange(bs).unsqueeze(0) < torch.from_numpy(fetched.lengths).unsqueeze(1)  # (n, bs)
         return _Retrieved(block_ids, keys, values, valid.reshape(1, 1, 1, n * bs), bs)
 

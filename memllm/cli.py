@@ -148,9 +148,16 @@ def memory_options(fn):
 @click.option("--filler", type=click.Choice(["grass", "essays"]), default="grass", show_default=True)
 @click.option("--modes", default="memory,window", show_default=True, help="memory,window,full")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON (resumed if it exists)")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="trials run in this many processes at once, the threads shared among them (same keys and answers)",
+)
 @memory_options
 @friendly_errors
-def bench_passkey(lengths, depths, trials, filler, modes, out, **memory) -> None:
+def bench_passkey(lengths, depths, trials, filler, modes, out, workers, **memory) -> None:
     """Passkey retrieval accuracy over lengths x depths, per mode (heatmap PNG beside the JSON)."""
     from memllm.bench import passkey
     from memllm.bench.common import format_table, parse_sizes
@@ -164,6 +171,7 @@ def bench_passkey(lengths, depths, trials, filler, modes, out, **memory) -> None
         filler,
         [m.strip() for m in modes.split(",")],
         out,
+        workers=workers,
         **_memory_overrides(**memory),
     )
     click.echo("\n" + format_table(rows))

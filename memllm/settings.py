@@ -39,6 +39,9 @@ class MemorySettings:
     ingest_top_k: int = 0
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
     memory_distance: int = 4096  # every memory key is seen at this relative distance (docs/RESULTS.md)
+    # fixed: every memory key at memory_distance (InfLLM); ordered: a block's tokens keep their order and
+    # spacing, the block's last token at memory_distance and its first block_size - 1 tokens farther
+    memory_positions: str = "fixed"
     # added to every memory key's logit (< 0: memory must score higher to draw attention); -0.5 brings the
     # 64K book perplexity to the window's and keeps the passkey, -1 loses one (docs/RESULTS.md)
     memory_bias: float = -0.5

@@ -117,13 +117,17 @@ def test_evicted_keys_are_stored_before_rope(tiny):
     assert np.allclose(got.keys[0][:, : e - s].astype(np.float32), k[:, s:e].numpy(), atol=2e-3)
 
 
-@pytest.mark.parametrize("memory_bias", [0.0, -1.5])
-def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory_bias):
-    """attend() = softmax over [memory keys seen at memory_distance, their logits + memory_bias;
-    local keys at slot positions]."""
+@pytest.mark.parametrize(
+    ("memory_bias", "positions"), [(0.0, "fixed"), (-1.5, "fixed"), (0.0, "ordered"), (-1.5, "ordered")]
+)
+def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory_bias, positions):
+    """attend() = softmax over [memory keys, their logits + memory_bias; local keys at slot positions].
+
+    Memory keys are the blocks' stored pre-RoPE keys seen at memory_distance ("fixed"), or rotated at
+    their offsets in the block with the queries at memory_distance + block_size - 1 ("ordered")."""
     torch.manual_seed(4)
     cfg = tiny.config
-    mem = dataclasses.replace(SMALL, memory_bias=memory_bias)
+    mem = dataclasses.replace(SMALL, memory_bias=memory_bias, memory_positions=positions)
     state = _state(tiny, mem, trace=True)
     ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(4))
     _read(tiny, state, ids, 16)
@@ -143,13 +147,20 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory
     pos_q = torch.arange(n_local - t, n_local)
     rope: Rope = tiny.rope
     q_local = rope.apply(q, pos_q)
-    q_mem = rope.apply(q, torch.full((t,), SMALL.memory_distance))
+    bs = SMALL.block_size
+    ordered = positions == "ordered"
+    q_mem = rope.apply(q, torch.full((t,), SMALL.memory_distance + (bs - 1 if ordered else 0)))
+    stored = state.sink.fetch(layer, retrieved.ids)  # the blocks' pre-RoPE keys as stored (n, Hkv, bs, D)
+    n_blocks = len(retrieved.ids)
+    mem_keys = torch.from_numpy(stored.keys).float().permute(1, 0, 2, 3).reshape(1, cfg.n_kv_heads, n_blocks * bs, -1)
+    if ordered:
+        mem_keys = rope.apply(mem_keys, torch.arange(bs).repeat(n_blocks))
     k_local = state.buf.rot[layer, :, :, :n_local]
     v_local = state.buf.val[layer, :, :, :n_local]
     scale = 1 / math.sqrt(cfg.head_dim)
     from kernels.reference import expand_kv
 
-    s_mem = q_mem @ expand_kv(retrieved.keys.float(), cfg.n_heads).transpose(-1, -2) * scale + memory_bias
+    s_mem = q_mem @ expand_kv(mem_keys, cfg.n_heads).transpose(-1, -2) * scale + memory_bias
     s_mem = s_mem.masked_fill(~retrieved.mask, -math.inf)
     s_loc = q_local @ expand_kv(k_local, cfg.n_heads).transpose(-1, -2) * scale
     causal = torch.arange(n_local).unsqueeze(0) <= pos_q.unsqueeze(1)
@@ -160,6 +171,11 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     # the memory trace saw the retrieved blocks
     assert set(state.trace.mass) >= set(retrieved.ids.tolist())
+
+
+def test_unknown_memory_positions_are_refused(tiny):
+    with pytest.raises(ValueError, match="memory_positions 'sorted'"):
+        _state(tiny, dataclasses.replace(SMALL, memory_positions="sorted"))
 
 
 def test_layer_top_k_sets_blocks_retrieved_per_layer(tiny):

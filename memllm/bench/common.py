@@ -50,12 +50,30 @@ def essays_text() -> str:
 
 
 def machine_info() -> dict:
+    """What a result depends on beyond its own options: torch, threads, the CPU and its matrix
+    extensions (bfloat16 results differ between AVX512-BF16 and AMX), the dtype settings resolve to."""
+    from memllm.loading import parse_dtype
+    from memllm.settings import get_settings
+
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        **_cpu_model_and_extensions(),
+        "dtype": str(parse_dtype(get_settings().dtype)).removeprefix("torch."),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def _cpu_model_and_extensions() -> dict:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return {"cpu_model": model, "cpu_extensions": [f for f in wanted if f in flags]}
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -11,10 +11,14 @@ Results are appended to a JSON file as they come, so an interrupted run resumes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
 import random
 import re
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +76,29 @@ def _essay_ids(engine: Engine) -> list[int]:
 
 
 def build_prompt(engine: Engine, length: int, depth: float, key: int, filler: str, offset: int = 0) -> PasskeyPrompt:
-    """A prompt of ``length`` tokens with the needle at ``depth`` (0 = start, 1 = end) of the filler."""
+    """A prompt of ``length`` tokens with the needle at ``depth`` (0 = start, 1 = end) of the filler.
+
+    The protocol's lines (instruction, filler, needle, more filler, question) joined by newlines; a
+    filler part with no text (depth 0 or 1) is not a line, so it leaves no blank line behind. With
+    one, the needle line followed by an empty line and the question, the bundled model answers
+    " a special key that is used to create" even with full attention at 4K, where it answers every
+    other depth (docs/RESULTS.md, session 12).
+    """
     head = engine.encode(INSTRUCTION + "\n")
-    mid = engine.encode("\n" + needle(key) + "\n")
-    tail = engine.encode("\n" + QUESTION)
-    n_fill = length - len(head) - len(mid) - len(tail)
-    if n_fill < 0:
+    needle_ids = engine.encode(needle(key))
+    newline = engine.encode("\n")
+    question = engine.encode(QUESTION)
+    before, after = depth > 0, depth < 1  # filler lines around the needle
+    n_fill = length - len(head) - len(needle_ids) - len(question) - len(newline) * (1 + before + after)
+    if n_fill < 2:
         raise ValueError(f"length {length} is too short for the passkey prompt")
     fill = filler_ids(engine, filler, n_fill, offset)
-    cut = round(n_fill * depth)
-    ids = head + fill[:cut] + mid + fill[cut:] + tail
-    start = len(head) + cut
-    return PasskeyPrompt(ids=ids, key=key, needle_span=(start, start + len(mid)))
+    cut = min(max(round(n_fill * depth), int(before)), n_fill - int(after))  # each filler line non-empty
+    prefix = fill[:cut] + newline if before else []
+    suffix = fill[cut:] + newline if after else []
+    ids = head + prefix + needle_ids + newline + suffix + question
+    start = len(head) + len(prefix)
+    return PasskeyPrompt(ids=ids, key=key, needle_span=(start, start + len(needle_ids)))
 
 
 def first_integer(text: str) -> int | None:
@@ -109,9 +124,15 @@ def run(
     modes: list[str],
     out: Path,
     seed: int = 0,
+    workers: int = 1,
     **overrides,
 ) -> list[dict]:
-    """Run (or resume) the grid; returns one summary row per (mode, length)."""
+    """Run (or resume) the grid; returns one summary row per (mode, length).
+
+    ``workers`` > 1 runs trials in that many processes, each loading the configured model (the
+    ``MEMLLM_*`` settings, not ``engine``) with ``threads // workers`` threads; ``engine`` then only
+    builds the prompts. Keys, prompts and answers are those of a one-process run.
+    """
     done: list[dict] = []
     if out.exists():
         done = json.loads(out.read_text()).get("trials", [])
@@ -132,17 +153,55 @@ def run(
         for depth in depths
         for trial in range(trials)
     }
-    bar = tqdm(jobs, desc=f"passkey ({filler})", unit="trial")
-    for mode, length, depth, trial in bar:
-        key = keys[(length, depth, trial)]
-        prompt = build_prompt(engine, length, depth, key, filler, offset=trial * 7919)
-        result = run_trial(engine, prompt, mode, **overrides)
+    prompts = {job: build_prompt(engine, job[1], job[2], keys[job[1:]], filler, offset=job[3] * 7919) for job in jobs}
+    bar = tqdm(total=len(jobs), desc=f"passkey ({filler})", unit="trial")
+    for (mode, length, depth, trial), result in _trial_results(engine, prompts, workers, overrides):
+        key = prompts[(mode, length, depth, trial)].key
         done.append({"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result})
+        bar.update()
         bar.set_postfix(mode=mode, length=length, ok=result["passed"])
         _save(out, done, filler, overrides)
+    bar.close()
     rows = summarize(done, modes, lengths)
     plot(done, modes, lengths, depths, out.with_suffix(".png"))
     return rows
+
+
+def _trial_results(
+    engine: Engine, prompts: dict[tuple, PasskeyPrompt], workers: int, overrides: dict
+) -> Iterator[tuple[tuple, dict]]:
+    """(job, result) for every (mode, length, depth, trial) job, in order of completion."""
+    if workers <= 1:
+        for job, prompt in prompts.items():
+            yield job, run_trial(engine, prompt, job[0], **overrides)
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool forked mid-use
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,))
+    try:
+        futures = {pool.submit(_worker_trial, p.ids, p.key, job[0], overrides): job for job, p in prompts.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:  # interrupted or failed: drop the trials not started, wait only for those running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER_ENGINE: Engine | None = None
+
+
+def _start_worker(threads: int) -> None:
+    """A worker process: load the configured model once, with ``threads`` threads."""
+    global _WORKER_ENGINE
+    from memllm.loading import load_model
+    from memllm.settings import get_settings
+
+    settings = dataclasses.replace(get_settings(), threads=threads)
+    _WORKER_ENGINE = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
+
+
+def _worker_trial(ids: list[int], key: int, mode: str, overrides: dict) -> dict:
+    assert _WORKER_ENGINE is not None, "the worker was not started"
+    return run_trial(_WORKER_ENGINE, PasskeyPrompt(ids=ids, key=key, needle_span=(0, 0)), mode, **overrides)
 
 
 def _save(out: Path, trials: list[dict], filler: str, overrides: dict) -> None:

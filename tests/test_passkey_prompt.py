@@ -1,0 +1,70 @@
+"""The passkey prompt: exact length, the protocol's lines, no blank line where a filler part is empty."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memllm.bench import passkey
+from memllm.bench.passkey import INSTRUCTION, QUESTION, build_prompt, needle, run
+from memllm.engine import Engine
+from memllm.settings import MemorySettings
+
+
+@pytest.fixture(scope="module")
+def engine(real_model):
+    return Engine(real_model, MemorySettings())
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("filler", ["grass", "essays"])
+def test_prompt_lines(engine, depth, filler):
+    prompt = build_prompt(engine, 1024, depth, key=48213, filler=filler, offset=7919)
+    assert len(prompt.ids) == 1024
+    text = engine.tokenizer.decode(prompt.ids)
+    lines = text.split("\n")
+    assert lines[0] == INSTRUCTION and lines[-1] == QUESTION
+    assert engine.tokenizer.decode(prompt.ids[slice(*prompt.needle_span)]) == needle(48213)
+    at = lines.index(needle(48213))
+    # depth 0: the needle follows the instruction; depth 1: it precedes the question; else filler both sides
+    if depth == 0:
+        assert at == 1
+    elif depth == 1:
+        assert at == len(lines) - 2
+    else:
+        assert 1 < at < len(lines) - 2
+    if filler == "grass":  # essay filler has its own paragraph breaks
+        assert "" not in lines and len(lines) == 4 + (0 < depth < 1)
+
+
+def test_needle_position_follows_depth(engine):
+    starts = [build_prompt(engine, 2048, d, key=11111, filler="grass").needle_span[0] for d in (0.25, 0.5, 0.75)]
+    assert starts[0] < starts[1] < starts[2]
+    assert abs(starts[1] - 1024) < 40  # the middle of the filler, give or take the fixed lines
+
+
+def test_too_short(engine):
+    with pytest.raises(ValueError, match="too short"):
+        build_prompt(engine, 40, 0.5, key=11111, filler="grass")
+
+
+@pytest.mark.slow
+def test_workers_give_the_answers_of_one_process(engine, tmp_path, monkeypatch):
+    """Trials run in two worker processes: same keys and answers as in this process."""
+    grid = dict(lengths=[1536], depths=[0.5, 1.0], trials=1, filler="grass", modes=["full"])
+    run(engine, **grid, out=tmp_path / "one.json")
+    monkeypatch.setenv("MEMLLM_DTYPE", "float32")  # workers load the configured model: the fixture's dtype
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a trial ran in the parent process")
+
+    monkeypatch.setattr(passkey, "run_trial", not_here)  # the spawned workers import their own copy
+    run(engine, **grid, out=tmp_path / "two.json", workers=2)
+
+    def trials(name):
+        got = json.loads((tmp_path / name).read_text())["trials"]
+        return sorted((t["depth"], t["key"], t["answer"], t["passed"]) for t in got)
+
+    assert trials("one.json") == trials("two.json")
+    assert len(trials("one.json")) == 2
