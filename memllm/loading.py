@@ -10,6 +10,7 @@ loads directly.
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import json
 import logging
@@ -65,11 +66,20 @@ def cpu_has_fast_bf16() -> bool:
     Measured: on an AVX2-only EPYC, bf16 linear layers ran ~6x slower than float32; the design notes
     measured bf16 ~3x faster than float32 on a CPU with AVX512-BF16.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_model_and_flags()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "", frozenset()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return model, frozenset(flags)
 
 
 def parse_dtype(name: str) -> torch.dtype:

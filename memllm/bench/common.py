@@ -66,12 +66,9 @@ def machine_info() -> dict:
 
 
 def _cpu_model_and_extensions() -> dict:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    from memllm.loading import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     return {"cpu_model": model, "cpu_extensions": [f for f in wanted if f in flags]}
 

@@ -17,7 +17,7 @@ import multiprocessing
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +153,14 @@ def run(
         for depth in depths
         for trial in range(trials)
     }
-    prompts = {job: build_prompt(engine, job[1], job[2], keys[job[1:]], filler, offset=job[3] * 7919) for job in jobs}
+
+    def prompt(job: tuple) -> PasskeyPrompt:
+        _, length, depth, trial = job
+        return build_prompt(engine, length, depth, keys[(length, depth, trial)], filler, offset=trial * 7919)
+
     bar = tqdm(total=len(jobs), desc=f"passkey ({filler})", unit="trial")
-    for (mode, length, depth, trial), result in _trial_results(engine, prompts, workers, overrides):
-        key = prompts[(mode, length, depth, trial)].key
+    for (mode, length, depth, trial), result in _trial_results(engine, jobs, prompt, workers, overrides):
+        key = keys[(length, depth, trial)]
         done.append({"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result})
         bar.update()
         bar.set_postfix(mode=mode, length=length, ok=result["passed"])
@@ -168,18 +172,22 @@ def run(
 
 
 def _trial_results(
-    engine: Engine, prompts: dict[tuple, PasskeyPrompt], workers: int, overrides: dict
+    engine: Engine, jobs: list[tuple], prompt: Callable[[tuple], PasskeyPrompt], workers: int, overrides: dict
 ) -> Iterator[tuple[tuple, dict]]:
-    """(job, result) for every (mode, length, depth, trial) job, in order of completion."""
+    """(job, result) for every (mode, length, depth, trial) job, in order of completion. In one
+    process each prompt is built when its trial starts; with workers, all are built and queued."""
     if workers <= 1:
-        for job, prompt in prompts.items():
-            yield job, run_trial(engine, prompt, job[0], **overrides)
+        for job in jobs:
+            yield job, run_trial(engine, prompt(job), job[0], **overrides)
         return
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool forked mid-use
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,))
     try:
-        futures = {pool.submit(_worker_trial, p.ids, p.key, job[0], overrides): job for job, p in prompts.items()}
+        futures = {}
+        for job in jobs:
+            p = prompt(job)
+            futures[pool.submit(_worker_trial, p.ids, p.key, job[0], overrides)] = job
         for future in as_completed(futures):
             yield futures[future], future.result()
     finally:  # interrupted or failed: drop the trials not started, wait only for those running
