@@ -209,14 +209,30 @@ def causal_attention_with_sampled_mass(
 def _sampled_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
     """Key mass (B, Hkv, Tk) of causal attention (q the last Tq positions of k) from the queries
     Tq-1, Tq-1-stride, ..., scaled to the full Tq; lse (B, Hq, Tq) the rows' log-sum-exp."""
+    tq, tk = q.shape[2], k.shape[2]
+    picked = torch.arange(tq - 1, -1, -stride).flip(0)  # (S,) query indices
+    future = torch.arange(tk).unsqueeze(0) > (picked + tk - tq).unsqueeze(1)  # (S, Tk)
+    mass = key_mass_from_lse(q[:, :, picked], k, lse[:, :, picked], scale, hidden=future)
+    return mass.mul_(tq / picked.numel())
+
+
+def key_mass_from_lse(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, hidden: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The attention each key drew, given the rows' log-sum-exp from the attention already computed.
+
+    q (B, Hq, Tq, D), k (B, Hkv, Tk, D), lse (B, Hq, Tq) -> key mass (B, Hkv, Tk) float32: the
+    probabilities exp(q.k * scale - lse) summed over the queries and the query heads of each kv
+    head. ``hidden``: bool broadcastable to (Tq, Tk), or (B, 1, 1, Tk) as a key mask's negation,
+    True where the key is not visible. Lets a caller keep the output of the fast kernel (which
+    yields no mass) and still observe where the attention went, without changing the output.
+    """
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g = hq // hkv
-    picked = torch.arange(tq - 1, -1, -stride).flip(0)  # (S,) query indices
-    s = picked.numel()
-    qs = q[:, :, picked].reshape(b, hkv, g * s, d)
-    scores = torch.matmul(qs, k.transpose(-1, -2)).float().mul_(scale).view(b, hkv, g, s, tk)
-    future = torch.arange(tk).unsqueeze(0) > (picked + tk - tq).unsqueeze(1)  # (S, Tk)
-    scores.masked_fill_(future, float("-inf"))
-    probs = scores.sub_(lse[:, :, picked].reshape(b, hkv, g, s, 1)).exp_()
-    return probs.sum(dim=(2, 3)).mul_(tq / s)
+    scores = torch.matmul(q.reshape(b, hkv, g * tq, d), k.transpose(-1, -2)).float().mul_(scale)
+    scores = scores.view(b, hkv, g, tq, tk)
+    if hidden is not None:
+        scores.masked_fill_(hidden if hidden.dim() < 4 else hidden.unsqueeze(2), float("-inf"))
+    probs = scores.sub_(lse.float().reshape(b, hkv, g, tq, 1)).exp_()
+    return probs.sum(dim=(2, 3))

@@ -38,6 +38,7 @@ from kernels.grouped import (
     causal_attention_with_sampled_mass,
     decode_attention_with_lse,
     grouped_attention_with_lse,
+    key_mass_from_lse,
     keys_attention_with_lse,
 )
 from kernels.reference import merge_attention
@@ -387,13 +388,9 @@ class StreamingAttention:
         if retrieved is None:
             return out_l
         q_mem = self._rotate_at(q, self._block_query_position)
-        if self.trace is None:  # no per-block attention to record: the fused kernel
-            out_m, lse_m = keys_attention_with_lse(q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale)
-        else:
-            out_m, lse_m, mass_m = grouped_attention_with_lse(
-                q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale, return_key_mass=True
-            )
-            assert mass_m is not None
+        out_m, lse_m = keys_attention_with_lse(q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale)
+        if self.trace is not None:  # observed apart, so that tracing never changes the output
+            mass_m = key_mass_from_lse(q_mem, retrieved.keys, lse_m, self._scale, hidden=~retrieved.mask)
             per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
             for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
                 self.trace.mass[block_id] += m

@@ -87,21 +87,40 @@ class Engine:
 
     @torch.inference_mode()
     def prefill_steps(self, state: StreamingAttention, ids: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Read ``ids`` one chunk (``prefill_chunk``) per step: yields (tokens read, logits (V,) after
+        """Read ``ids`` one forward (``prefill_end``) per step: yields (tokens read, logits (V,) after
         the last of them). The state is consistent between steps, so a caller may do other model
         work (other streams) between them; the last step's logits are the prompt's."""
         if not ids:
             raise ValueError("nothing to read: the prompt is empty")
-        chunk = self.prefill_chunk(state)
-        for start in range(0, len(ids), chunk):
-            piece = torch.tensor([list(ids[start : start + chunk])], dtype=torch.long)
+        start = 0
+        while start < len(ids):
+            end = self.prefill_end(state, start, len(ids))
+            piece = torch.tensor([list(ids[start:end])], dtype=torch.long)
             yield piece.shape[1], state.forward(self.model, piece, last_only=True)[0, -1]
+            start = end
 
     @staticmethod
     def prefill_chunk(state: StreamingAttention) -> int:
         """Tokens per prefill forward: memory/window modes search and evict per chunk; full attention
         has nothing to do between chunks, so it reads up to 4096 tokens at once (fewer, larger products)."""
         return max(state.mem.chunk, 4096) if state.mode == "full" else state.mem.chunk
+
+    @classmethod
+    def prefill_end(cls, state: StreamingAttention, read: int, total: int) -> int:
+        """Where the next prefill forward of a ``total``-token prompt, ``read`` tokens in, ends.
+
+        ``prefill_chunk`` tokens at a time, except that in memory mode a prompt longer than one
+        chunk reads its last ``final_chunk`` tokens in a forward of their own: a chunk searches
+        memory with the mean of its queries (InfLLM), and the question at the end of a long prompt
+        would otherwise search with the mean of the context before it. A short prompt (a chat turn)
+        stays one forward.
+        """
+        chunk = cls.prefill_chunk(state)
+        end = min(read + chunk, total)
+        final = state.mem.final_chunk
+        if state.mode == "memory" and final > 0 and total > chunk and read < total - final < end:
+            return total - final
+        return end
 
     @torch.inference_mode()
     def logits_of(

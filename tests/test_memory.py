@@ -3,6 +3,7 @@ eviction bookkeeping, and retrieval of a planted block."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -171,6 +172,22 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     # the memory trace saw the retrieved blocks
     assert set(state.trace.mass) >= set(retrieved.ids.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tracing_memory_does_not_change_the_output(tiny, dtype):
+    """A memory trace only observes: logits with and without it are the same, bit for bit. (The
+    trace once ran another kernel, whose bfloat16 rounding turned passkey answers.)"""
+    model = copy.deepcopy(tiny.model).to(dtype)
+    ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(8))
+    outs = []
+    for trace in (False, True):
+        source = InMemorySource(block_layout(tiny.config, SMALL))
+        state = StreamingAttention(tiny.config, tiny.rope, SMALL, dtype, memory=source, sink=source, trace=trace)
+        with torch.inference_mode():
+            outs.append(torch.cat([state.forward(model, ids[:, i : i + 16]) for i in range(0, 96, 16)], 1))
+    assert state.trace is not None and sum(state.trace.mass.values()) > 0
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_unknown_memory_positions_are_refused(tiny):

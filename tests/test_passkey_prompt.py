@@ -68,3 +68,24 @@ def test_workers_give_the_answers_of_one_process(engine, tmp_path, monkeypatch):
 
     assert trials("one.json") == trials("two.json")
     assert len(trials("one.json")) == 2
+
+
+def test_a_split_grid_asks_the_keys_of_the_whole_grid(engine, tmp_path, monkeypatch):
+    """Depths run apart (two commands, as on a two-core machine) get the keys one run of every
+    depth gets, so split results can be pooled and rerun trial by trial."""
+
+    def echo_key(engine, prompt, mode, **overrides):
+        return {"answer": str(prompt.key), "passed": True, "seconds": 0.0}
+
+    monkeypatch.setattr(passkey, "run_trial", echo_key)
+    grid = dict(lengths=[1024], trials=2, filler="grass", modes=["memory"])
+
+    def keys(name, depths):
+        run(engine, **grid, depths=depths, out=tmp_path / name)
+        got = json.loads((tmp_path / name).read_text())["trials"]
+        return {(t["depth"], t["trial"]): t["key"] for t in got}
+
+    whole = keys("whole.json", [0.0, 0.5, 1.0])
+    split = keys("low.json", [0.0]) | keys("high.json", [0.5, 1.0])
+    assert split == whole
+    assert len(set(whole.values())) == 6

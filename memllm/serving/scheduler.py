@@ -8,10 +8,11 @@ Its loop, round after round:
 2. runs at most one task (ingestion, a state rebuild: any callable that uses the model);
 3. retires cancelled jobs; admits queued jobs while fewer than ``max_batch`` are admitted;
 4. one forward (:func:`~memllm.serving.batch.packed_step`) that reads the next prompt chunk
-   (``Engine.prefill_chunk`` tokens) of admitted jobs, up to ``prefill_budget`` tokens, together
-   with one token of every running stream: prompt reading shares the weight reads with decoding,
-   and a long prompt does not freeze the running streams; each job turns its logits into its
-   next token (``job.next_token``), finished jobs retire, jobs done reading join the running.
+   (``Engine.prefill_end``: a chunk, or a long prompt's final tokens) of admitted jobs, up to
+   ``prefill_budget`` tokens, together with one token of every running stream: prompt reading
+   shares the weight reads with decoding, and a long prompt does not freeze the running streams;
+   each job turns its logits into its next token (``job.next_token``), finished jobs retire, jobs
+   done reading join the running.
 
 Jobs are :mod:`memllm.serving.jobs` state machines; a job's events (Token, Text, then Done) reach
 its :class:`JobHandle`, an async iterator (or a plain one from a worker thread). A job's errors
@@ -472,7 +473,7 @@ class Scheduler:
         for e in self._prefilling:
             if budget <= 0:
                 break
-            ids = e.prompt[e.read : e.read + self.engine.prefill_chunk(e.state)]
+            ids = e.prompt[e.read : self.engine.prefill_end(e.state, e.read, len(e.prompt))]
             chunks.append((e, ids))
             budget -= len(ids)
         return chunks

@@ -12,6 +12,7 @@ from kernels.grouped import (
     decode_attention_with_lse,
     few_query_scores,
     grouped_attention_with_lse,
+    key_mass_from_lse,
     keys_attention_with_lse,
 )
 from kernels.reference import attention_with_lse
@@ -135,3 +136,19 @@ def test_causal_attention_with_sampled_mass(dtype: torch.dtype, tq: int, tk: int
     torch.testing.assert_close(mass, want_mass.float(), atol=tol * 10, rtol=tol)
     # each sampled query spreads one unit of mass per query head: the total is Tq * Hq / Hkv per kv head
     torch.testing.assert_close(mass.sum(-1), torch.full((2, 2), tq * 3.0), atol=1e-3 * tq, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tq", [7, 1])
+def test_key_mass_from_lse_is_the_attention_each_key_drew(dtype: torch.dtype, tq: int) -> None:
+    """The mass recovered from the fast kernel's lse equals the reference attention's key mass,
+    hidden keys drawing none."""
+    g, q, k, v = _inputs(9, tq, 40, dtype)
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3  # (B, 1, 1, Tk) True = valid key
+    _, lse = keys_attention_with_lse(q, k, v, mask, 0.2)
+    mass = key_mass_from_lse(q, k, lse, 0.2, hidden=~mask)
+    _, _, want = attention_with_lse(q.float(), k.float(), v.float(), mask, 0.2, return_key_mass=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert mass.shape == (2, 2, 40) and mass.dtype == torch.float32
+    torch.testing.assert_close(mass, want.float(), atol=tol * 10, rtol=tol)
+    assert mass.masked_select(~mask.view(2, 1, 40)).abs().max() == 0

@@ -1,0 +1,51 @@
+"""How a prompt is cut into prefill forwards: chunks, and in memory mode the prompt's last
+``final_chunk`` tokens on their own, so that the question searches memory for itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from serving_helpers import SMALL, prompt, tiny_engine
+
+
+@pytest.mark.parametrize(
+    ("mode", "total", "final", "pieces"),
+    [
+        ("memory", 100, 16, [16, 16, 16, 16, 16, 4, 16]),  # the last 16 split off the last chunk
+        ("memory", 96, 16, [16] * 6),  # the last chunk already holds just the last 16
+        ("memory", 40, 5, [16, 16, 3, 5]),
+        ("memory", 10, 5, [10]),  # a prompt of one chunk (a chat turn) stays one forward
+        ("memory", 100, 0, [16] * 6 + [4]),  # off
+        ("window", 100, 16, [16] * 6 + [4]),  # no memory to search: chunks only
+    ],
+)
+def test_prefill_pieces(tiny, mode, total, final, pieces):
+    engine = tiny_engine(tiny, dataclasses.replace(SMALL, final_chunk=final))
+    state = engine.new_state(mode)
+    got = [n for n, _ in engine.prefill_steps(state, prompt(0, total))]
+    assert got == pieces
+    assert state.n_tokens == total
+
+
+def test_the_final_piece_searches_memory_with_its_own_queries(tiny, monkeypatch):
+    """The last memory search of a long prompt is made by the forward that reads only its last
+    ``final_chunk`` tokens (a chunk searches with the mean of its own queries)."""
+    engine = tiny_engine(tiny)
+    state = engine.new_state("memory")
+    searched: list[int] = []
+    real_search = state.memory.search
+
+    def search(layer, queries, k):
+        searched.append(state.n_tokens + state._pending)  # tokens read once this forward ends
+        return real_search(layer, queries, k)
+
+    monkeypatch.setattr(state.memory, "search", search)
+    engine.prefill(state, prompt(1, 100))
+    assert searched, "a 100-token prompt evicts blocks and searches them"
+    assert state.n_tokens == 100
+    # every layer's last search came in the forward that read the final 16 tokens, and the one
+    # before it in the forward that stopped 16 tokens short of the end
+    ends = sorted(set(searched))
+    assert ends[-1] == 100
+    assert ends[-1] - ends[-2] == SMALL.final_chunk
