@@ -49,7 +49,7 @@ class MemorySettings:
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     # a prompt longer than one chunk reads its last N tokens in a forward of their own, so that they
     # search memory for themselves: the question, not the mean of ~500 tokens of context before it
-    # (the passkey misses of sessions 7-12 were this; docs/RESULTS.md, session 13). 0 = off
+    # (the 16K passkey miss at depth 0.75 of sessions 7-12 was this; docs/RESULTS.md, session 13). 0 = off
     final_chunk: int = 16
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8

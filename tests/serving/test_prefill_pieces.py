@@ -28,7 +28,7 @@ def test_prefill_pieces(tiny, mode, total, final, pieces):
     assert state.n_tokens == total
 
 
-def test_the_final_piece_searches_memory_with_its_own_queries(tiny, monkeypatch):
+def test_the_last_search_comes_from_the_final_piece(tiny, monkeypatch):
     """The last memory search of a long prompt is made by the forward that reads only its last
     ``final_chunk`` tokens (a chunk searches with the mean of its own queries)."""
     engine = tiny_engine(tiny)
