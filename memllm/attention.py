@@ -43,6 +43,7 @@ from kernels.grouped import (
 )
 from kernels.reference import merge_attention
 from memllm.memory.retrieval import (
+    STRATEGIES,
     choose_representatives,
     group_sum_queries,
     key_statistics,
@@ -189,6 +190,9 @@ class StreamingAttention:
             raise ValueError(f"{mem.mode} mode reads one stream at a time (batch=1)")
         if mem.memory_positions not in MEMORY_POSITIONS:
             raise ValueError(f"unknown memory_positions {mem.memory_positions!r}; choose one of {MEMORY_POSITIONS}")
+        for name, strategy in (("retrieval", retrieval), ("final_retrieval", mem.final_retrieval or retrieval)):
+            if strategy not in STRATEGIES:
+                raise ValueError(f"unknown {name} strategy {strategy!r}; choose one of {STRATEGIES}")
         if mem.mode != "full" and mem.window % mem.block_size:
             raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
         self.cfg, self.rope, self.mem, self.dtype = cfg, rope, mem, dtype
@@ -203,6 +207,10 @@ class StreamingAttention:
         self.memory = memory
         self.sink = sink
         self.retrieval = retrieval
+        # set by the reader before the forward that reads a long prompt's final tokens (the question,
+        # ``Engine.prefill_end``): that forward searches memory with ``mem.final_retrieval``
+        self.reading_question = False
+        self._strategy = retrieval
         self.trace = MemoryTrace() if trace else None
         self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
@@ -238,6 +246,8 @@ class StreamingAttention:
         self._pending = n_new
         start = self.buf.length  # RoPE tables of the new slots, shared by every layer of this forward
         self._cos_sin = self.rope.cos_sin(torch.arange(start, start + n_new), self.dtype)
+        asking = self.reading_question and n_new > 1
+        self._strategy = (self.mem.final_retrieval or self.retrieval) if asking else self.retrieval
         if n_new > 1:
             self._search_now, self._decode_steps = True, 0
         else:
@@ -247,6 +257,7 @@ class StreamingAttention:
             self._decode_steps += 1
 
     def end(self) -> None:
+        self.reading_question = False
         self.buf.length += self._pending
         self.n_tokens += self._pending
         self._pending = 0
@@ -445,10 +456,10 @@ class StreamingAttention:
             return None
         if not self._search_now and layer in self._retrieved:
             return self._retrieved[layer]
-        if self.retrieval == "heads":
+        if self._strategy == "heads":
             scores, ids = self._search_per_head(layer, q[0])
         else:
-            queries = search_vectors(q[0], self.cfg.n_kv_heads, self.retrieval).numpy()
+            queries = search_vectors(q[0], self.cfg.n_kv_heads, self._strategy).numpy()
             scores, ids = self.memory.search(layer, queries, top_k)
         chosen = _merge_rows(scores, ids, top_k)
         if chosen.size == 0:

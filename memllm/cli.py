@@ -155,9 +155,16 @@ def memory_options(fn):
     show_default=True,
     help="trials run in this many processes at once, the threads shared among them (same keys and answers)",
 )
+@click.option(
+    "--final-retrieval",
+    "final_retrieval",
+    default=None,
+    help="memory mode: answer each trial once per strategy (e.g. mean,heads) from one read of its prompt; "
+    "each is an arm, memory/final=STRATEGY (see MEMLLM_MEMORY_FINAL_RETRIEVAL)",
+)
 @memory_options
 @friendly_errors
-def bench_passkey(lengths, depths, trials, filler, modes, out, workers, **memory) -> None:
+def bench_passkey(lengths, depths, trials, filler, modes, out, workers, final_retrieval, **memory) -> None:
     """Passkey retrieval accuracy over lengths x depths, per mode (heatmap PNG beside the JSON)."""
     from memllm.bench import passkey
     from memllm.bench.common import format_table, parse_sizes
@@ -172,6 +179,7 @@ def bench_passkey(lengths, depths, trials, filler, modes, out, workers, **memory
         [m.strip() for m in modes.split(",")],
         out,
         workers=workers,
+        final_retrievals=[s.strip() for s in final_retrieval.split(",")] if final_retrieval else None,
         **_memory_overrides(**memory),
     )
     click.echo("\n" + format_table(rows))
@@ -226,13 +234,20 @@ def bench_ppl(text_path, tokens, modes, no_hf, out, **memory) -> None:
 @click.option("--depth", default=0.5, show_default=True)
 @click.option("--filler", type=click.Choice(["grass", "essays"]), default="grass", show_default=True)
 @click.option("--key", type=click.IntRange(10000, 99999), default=51234, show_default=True, help="the 5-digit pass key")
+@click.option(
+    "--trial",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="the filler of this trial of `bench passkey` (with --key, that trial's prompt)",
+)
 @friendly_errors
-def bench_needle_rank(length: str, depth: float, filler: str, key: int) -> None:
+def bench_needle_rank(length: str, depth: float, filler: str, key: int, trial: int) -> None:
     """Rank of the passkey's block at every layer under each retrieval scoring (offline, no generation)."""
     from memllm.bench.common import parse_sizes
     from memllm.bench.needle_rank import needle_ranks, print_rows
 
-    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler, key))
+    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler, key, trial))
 
 
 @bench.command("patterns")

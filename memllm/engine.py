@@ -95,6 +95,7 @@ class Engine:
         start = 0
         while start < len(ids):
             end = self.prefill_end(state, start, len(ids))
+            state.reading_question = self.is_question(state, start, len(ids))
             piece = torch.tensor([list(ids[start:end])], dtype=torch.long)
             yield piece.shape[1], state.forward(self.model, piece, last_only=True)[0, -1]
             start = end
@@ -115,12 +116,23 @@ class Engine:
         would otherwise search with the mean of the context before it. A short prompt (a chat turn)
         stays one forward.
         """
-        chunk = cls.prefill_chunk(state)
-        end = min(read + chunk, total)
+        end = min(read + cls.prefill_chunk(state), total)
+        question = cls._question_start(state, total)
+        return question if question is not None and read < question < end else end
+
+    @classmethod
+    def is_question(cls, state: StreamingAttention, read: int, total: int) -> bool:
+        """Whether the forward from ``read`` on reads the final tokens that ``prefill_end`` split off
+        (it searches memory with ``final_retrieval``; the reader sets ``state.reading_question``)."""
+        return read == cls._question_start(state, total)
+
+    @classmethod
+    def _question_start(cls, state: StreamingAttention, total: int) -> int | None:
+        """Where the final forward of a ``total``-token prompt starts, or None when it is not split."""
         final = state.mem.final_chunk
-        if state.mode == "memory" and final > 0 and total > chunk and read < total - final < end:
+        if state.mode == "memory" and 0 < final < total and total > cls.prefill_chunk(state):
             return total - final
-        return end
+        return None
 
     @torch.inference_mode()
     def logits_of(

@@ -51,6 +51,9 @@ class MemorySettings:
     # search memory for themselves: the question, not the mean of ~500 tokens of context before it
     # (the 16K passkey miss at depth 0.75 of sessions 7-12 was this; docs/RESULTS.md, session 13). 0 = off
     final_chunk: int = 16
+    # how those final tokens (the question) search memory: a retrieval strategy (mean, last, mean+last,
+    # heads; memllm/memory/retrieval.py), "" = as every other chunk (``Settings.retrieval``)
+    final_retrieval: str = ""
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
     memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode

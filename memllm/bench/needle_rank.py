@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from memllm.bench.common import format_table
-from memllm.bench.passkey import build_prompt
+from memllm.bench.passkey import build_prompt, trial_offset
 from memllm.engine import Engine
 from memllm.memory.retrieval import key_statistics, per_head_rows, search_vectors, zscores
 
@@ -28,11 +28,14 @@ def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
 
 
 @torch.inference_mode()
-def needle_ranks(engine: Engine, length: int, depth: float, filler: str, key: int = 51234) -> list[dict]:
+def needle_ranks(
+    engine: Engine, length: int, depth: float, filler: str, key: int = 51234, trial: int = 0
+) -> list[dict]:
     """One row per scoring: rank of the needle block at every layer, and the layers where it is
-    within that layer's top-k (``top_k``, or ``layer_top_k`` where set)."""
+    within that layer's top-k (``top_k``, or ``layer_top_k`` where set). ``trial``: the filler of
+    that trial of ``memllm bench passkey`` (with its key, the same prompt)."""
     cfg = engine.model.config
-    prompt = build_prompt(engine, length, depth, key, filler)
+    prompt = build_prompt(engine, length, depth, key, filler, offset=trial_offset(trial))
     last_qkv: dict[int, torch.Tensor] = {}
     hooks = [
         layer.attention.wqkv.register_forward_hook(lambda m, i, o, idx=idx: last_qkv.__setitem__(idx, o.detach()))

@@ -35,6 +35,11 @@ INSTRUCTION = (
 )
 GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
+TRIAL_OFFSET = 7919  # filler tokens skipped per trial number: each trial reads the filler from its own place
+
+
+def trial_offset(trial: int) -> int:
+    return trial * TRIAL_OFFSET
 
 
 def needle(key: int) -> str:
@@ -110,9 +115,62 @@ def run_trial(engine: Engine, prompt: PasskeyPrompt, mode: str, max_tokens: int 
     state = engine.new_state(mode, **overrides)
     t0 = time.perf_counter()
     tokens = list(engine.generate(state, prompt.ids, SamplingParams(max_tokens=max_tokens)))
-    elapsed = time.perf_counter() - t0
+    return _scored(engine, prompt, tokens, time.perf_counter() - t0)
+
+
+def run_final_variants(
+    engine: Engine, prompt: PasskeyPrompt, strategies: list[str], max_tokens: int = 8, **overrides
+) -> list[dict]:
+    """One memory-mode trial answered once per ``final_retrieval`` strategy, from one read.
+
+    The prompt is read up to its question (the final forward ``Engine.prefill_end`` splits off);
+    each strategy then reads the question and answers from a copy of that state, over the same
+    memory. Each answer is the one ``run_trial`` gives with ``final_retrieval=strategy``; the read,
+    which is nearly all of a trial's time, is shared. ``seconds``: the read plus that answer.
+    """
+    from memllm.chat.state import fork_state
+    from memllm.memory.source import InMemorySource
+
+    state = engine.new_state("memory", **overrides)
+    total = len(prompt.ids)
+    t0 = time.perf_counter()
+    read = 0
+    for n, _ in engine.prefill_steps(state, prompt.ids):
+        read += n
+        if engine.is_question(state, read, total):
+            break  # the generator stops before it reads the question
+    else:
+        raise ValueError(f"a {total}-token prompt is read in one forward: no question forward to vary")
+    shared = time.perf_counter() - t0
+    question = torch.tensor([prompt.ids[read:]], dtype=torch.long)
+    results = []
+    for strategy in strategies:
+        t1 = time.perf_counter()
+        copy = fork_state(
+            engine,
+            state,
+            sink=InMemorySource(state.layout, name="answer"),
+            extra_sources=[state.memory],
+            final_retrieval=strategy,
+        )
+        with torch.inference_mode():
+            copy.reading_question = True
+            logits = copy.forward(engine.model, question, last_only=True)[0, -1]
+        tokens = list(engine.generate(copy, prompt.ids, SamplingParams(max_tokens=max_tokens), logits=logits))
+        result = _scored(engine, prompt, tokens, shared + time.perf_counter() - t1)
+        results.append({"final_retrieval": strategy, **result})
+    return results
+
+
+def _scored(engine: Engine, prompt: PasskeyPrompt, tokens: list[int], seconds: float) -> dict:
     answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
-    return {"answer": answer, "passed": first_integer(answer) == prompt.key, "seconds": elapsed}
+    return {"answer": answer, "passed": first_integer(answer) == prompt.key, "seconds": seconds}
+
+
+def arm(trial: dict) -> str:
+    """What a trial record measured: its mode, and the final retrieval where the run varied it."""
+    strategy = trial.get("final_retrieval")
+    return trial["mode"] if strategy is None else f"{trial['mode']}/final={strategy}"
 
 
 def trial_key(seed: int, length: int, depth: float, trial: int) -> int:
@@ -131,26 +189,41 @@ def run(
     out: Path,
     seed: int = 0,
     workers: int = 1,
+    final_retrievals: list[str] | None = None,
     **overrides,
 ) -> list[dict]:
-    """Run (or resume) the grid; returns one summary row per (mode, length).
+    """Run (or resume) the grid; returns one summary row per (arm, length).
 
+    ``final_retrievals``: memory-mode trials are answered once per strategy from one read
+    (``run_final_variants``); each strategy is an arm of its own, ``memory/final=STRATEGY``.
     ``workers`` > 1 runs trials in that many processes, each loading the configured model (the
     ``MEMLLM_*`` settings, not ``engine``) with ``threads // workers`` threads; ``engine`` then only
     builds the prompts. Keys, prompts and answers are those of a one-process run.
     """
+    from memllm.memory.retrieval import STRATEGIES
+
+    unknown = sorted(set(final_retrievals or ()) - set(STRATEGIES))
+    if unknown:
+        raise ValueError(f"unknown final retrieval {unknown}; choose from {STRATEGIES}")
     done: list[dict] = []
     if out.exists():
         done = json.loads(out.read_text()).get("trials", [])
-    seen = {(r["mode"], r["length"], r["depth"], r["trial"]) for r in done}
+    seen = {(arm(r), r["length"], r["depth"], r["trial"]) for r in done}
     max_len = engine.model.config.max_positions
+
+    def unseen(mode: str, length: int, depth: float, trial: int) -> tuple[str, ...] | None:
+        """The final-retrieval strategies still to run (None: a plain trial), () when done."""
+        if mode == "memory" and final_retrievals:
+            return tuple(s for s in final_retrievals if (f"{mode}/final={s}", length, depth, trial) not in seen)
+        return None if (mode, length, depth, trial) not in seen else ()
+
     jobs = [
-        (mode, length, depth, trial)
+        (mode, length, depth, trial, todo)
         for length in lengths
         for trial in range(trials)
         for depth in depths
         for mode in modes
-        if (mode, length, depth, trial) not in seen and not (mode == "full" and length > max_len)
+        if (todo := unseen(mode, length, depth, trial)) != () and not (mode == "full" and length > max_len)
     ]
     keys = {
         (length, depth, trial): trial_key(seed, length, depth, trial)
@@ -160,15 +233,16 @@ def run(
     }
 
     def prompt(job: tuple) -> PasskeyPrompt:
-        _, length, depth, trial = job
-        return build_prompt(engine, length, depth, keys[(length, depth, trial)], filler, offset=trial * 7919)
+        _, length, depth, trial, _ = job
+        return build_prompt(engine, length, depth, keys[(length, depth, trial)], filler, offset=trial_offset(trial))
 
     bar = tqdm(total=len(jobs), desc=f"passkey ({filler})", unit="trial")
-    for (mode, length, depth, trial), result in _trial_results(engine, jobs, prompt, workers, overrides):
+    for (mode, length, depth, trial, _), results in _trial_results(engine, jobs, prompt, workers, overrides):
         key = keys[(length, depth, trial)]
-        done.append({"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result})
+        for result in results:
+            done.append({"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result})
         bar.update()
-        bar.set_postfix(mode=mode, length=length, ok=result["passed"])
+        bar.set_postfix(mode=mode, length=length, ok="".join("+-"[not r["passed"]] for r in results))
         _save(out, done, filler, overrides)
     bar.close()
     rows = summarize(done, modes, lengths)
@@ -176,14 +250,21 @@ def run(
     return rows
 
 
+def _run_job(engine: Engine, prompt: PasskeyPrompt, mode: str, strategies: tuple[str, ...] | None, overrides: dict):
+    """The results (one per arm) of one (mode, length, depth, trial) job."""
+    if strategies:
+        return run_final_variants(engine, prompt, list(strategies), **overrides)
+    return [run_trial(engine, prompt, mode, **overrides)]
+
+
 def _trial_results(
     engine: Engine, jobs: list[tuple], prompt: Callable[[tuple], PasskeyPrompt], workers: int, overrides: dict
 ) -> Iterator[tuple[tuple, dict]]:
-    """(job, result) for every (mode, length, depth, trial) job, in order of completion. In one
+    """(job, results) for every (mode, length, depth, trial, strategies) job, in order of completion. In one
     process each prompt is built when its trial starts; with workers, all are built and queued."""
     if workers <= 1:
         for job in jobs:
-            yield job, run_trial(engine, prompt(job), job[0], **overrides)
+            yield job, _run_job(engine, prompt(job), job[0], job[4], overrides)
         return
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool forked mid-use
@@ -192,7 +273,7 @@ def _trial_results(
         futures = {}
         for job in jobs:
             p = prompt(job)
-            futures[pool.submit(_worker_trial, p.ids, p.key, job[0], overrides)] = job
+            futures[pool.submit(_worker_trial, p.ids, p.key, job[0], job[4], overrides)] = job
         for future in as_completed(futures):
             yield futures[future], future.result()
     finally:  # interrupted or failed: drop the trials not started, wait only for those running
@@ -212,9 +293,10 @@ def _start_worker(threads: int) -> None:
     _WORKER_ENGINE = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
 
 
-def _worker_trial(ids: list[int], key: int, mode: str, overrides: dict) -> dict:
+def _worker_trial(ids: list[int], key: int, mode: str, strategies: tuple[str, ...] | None, overrides: dict):
     assert _WORKER_ENGINE is not None, "the worker was not started"
-    return run_trial(_WORKER_ENGINE, PasskeyPrompt(ids=ids, key=key, needle_span=(0, 0)), mode, **overrides)
+    prompt = PasskeyPrompt(ids=ids, key=key, needle_span=(0, 0))
+    return _run_job(_WORKER_ENGINE, prompt, mode, strategies, overrides)
 
 
 def _save(out: Path, trials: list[dict], filler: str, overrides: dict) -> None:
@@ -223,15 +305,20 @@ def _save(out: Path, trials: list[dict], filler: str, overrides: dict) -> None:
     )
 
 
+def _arms(trials: list[dict], modes: list[str]) -> list[str]:
+    """The arms of ``modes`` that ``trials`` hold, in the order of ``modes``, then of first appearance."""
+    return [a for mode in modes for a in dict.fromkeys(arm(t) for t in trials if t["mode"] == mode)]
+
+
 def summarize(trials: list[dict], modes: list[str], lengths: list[int]) -> list[dict]:
     rows = []
-    for mode in modes:
+    for name in _arms(trials, modes):
         for length in lengths:
-            got = [t for t in trials if t["mode"] == mode and t["length"] == length]
+            got = [t for t in trials if arm(t) == name and t["length"] == length]
             if got:
                 rows.append(
                     {
-                        "mode": mode,
+                        "mode": name,
                         "length": length,
                         "trials": len(got),
                         "accuracy": sum(t["passed"] for t in got) / len(got),
@@ -247,12 +334,15 @@ def plot(trials: list[dict], modes: list[str], lengths: list[int], depths: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.5), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=True):
+    arms = _arms(trials, modes)
+    if not arms:
+        return
+    fig, axes = plt.subplots(1, len(arms), figsize=(4 * len(arms), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], arms, strict=True):
         grid = torch.full((len(depths), len(lengths)), float("nan"))
         for i, d in enumerate(depths):
             for j, n in enumerate(lengths):
-                got = [t["passed"] for t in trials if t["mode"] == mode and t["length"] == n and t["depth"] == d]
+                got = [t["passed"] for t in trials if arm(t) == name and t["length"] == n and t["depth"] == d]
                 if got:
                     grid[i, j] = sum(got) / len(got)
         im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -260,7 +350,7 @@ def plot(trials: list[dict], modes: list[str], lengths: list[int], depths: list[
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("length")
         ax.set_ylabel("depth")
-        ax.set_title(mode)
+        ax.set_title(name)
     fig.colorbar(im, ax=axes.ravel().tolist())
     fig.savefig(path, dpi=100)
     plt.close(fig)

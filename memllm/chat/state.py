@@ -63,10 +63,13 @@ def fork_state(
     sink: WritableMemorySource | None,
     extra_sources: list[MemorySource],
     trace: bool = False,
+    **changes: object,
 ) -> StreamingAttention:
     """A copy of ``state``'s tokens (sinks + window) over new memory: the copy can read and generate
-    without changing ``state``. ``sink`` receives the copy's evictions."""
+    without changing ``state``. ``sink`` receives the copy's evictions. ``changes``: memory settings
+    that differ in the copy (only those that leave the buffer's layout alone, e.g. ``final_retrieval``)."""
     overrides = {f.name: getattr(state.mem, f.name) for f in dataclasses.fields(state.mem) if f.name != "mode"}
+    overrides.update(changes)
     new = engine.new_state(state.mode, extra_sources=extra_sources, sink=sink, trace=trace, **overrides)
     buf = copy.copy(state.buf)
     for name in ("raw", "rot", "val", "mass"):

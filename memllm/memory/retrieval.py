@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+STRATEGIES = ("mean", "last", "mean+last", "heads")
+
 
 def group_sum_queries(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """q (Hq, T, D) pre-RoPE -> (T, Hkv*D): per token, the sum of each GQA group's queries."""

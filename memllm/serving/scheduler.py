@@ -474,6 +474,7 @@ class Scheduler:
             if budget <= 0:
                 break
             ids = e.prompt[e.read : self.engine.prefill_end(e.state, e.read, len(e.prompt))]
+            e.state.reading_question = self.engine.is_question(e.state, e.read, len(e.prompt))
             chunks.append((e, ids))
             budget -= len(ids)
         return chunks

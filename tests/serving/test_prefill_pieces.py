@@ -49,3 +49,57 @@ def test_the_last_search_comes_from_the_final_piece(tiny, monkeypatch):
     ends = sorted(set(searched))
     assert ends[-1] == 100
     assert ends[-1] - ends[-2] == SMALL.final_chunk
+
+
+def _searches(state) -> list[tuple[int, int]]:
+    """Record (tokens read once the searching forward ends, query rows) of each memory search."""
+    seen: list[tuple[int, int]] = []
+    real_search = state.memory.search
+
+    def search(layer, queries, k):
+        seen.append((state.n_tokens + state._pending, len(queries)))
+        return real_search(layer, queries, k)
+
+    state.memory.search = search
+    return seen
+
+
+async def _read_in_scheduler(engine, state, ids) -> None:
+    from memllm.sampling import SamplingParams
+    from memllm.serving import GenerateJob, Scheduler
+
+    sched = Scheduler(engine, prefill_budget=16)
+    try:
+        async for _ in sched.submit(GenerateJob(SamplingParams(max_tokens=0), frozenset(), ids), state, ids):
+            pass
+    finally:
+        await sched.close()
+
+
+@pytest.mark.parametrize("reader", ["engine", "scheduler"])
+async def test_the_question_searches_with_the_final_retrieval(tiny, reader):
+    """With ``final_retrieval=heads``, the forward that reads the final tokens searches per head
+    (one row per query head and token); every other forward searches with the chunk mean (one row)."""
+    engine = tiny_engine(tiny, dataclasses.replace(SMALL, final_retrieval="heads"))
+    state = engine.new_state("memory")
+    seen = _searches(state)
+    ids = prompt(2, 100)
+    if reader == "engine":
+        engine.prefill(state, ids)
+    else:
+        await _read_in_scheduler(engine, state, ids)
+    assert state.n_tokens == 100
+    heads_rows = tiny.config.n_heads * SMALL.final_chunk
+    assert {rows for end, rows in seen if end == 100} == {heads_rows}
+    assert {rows for end, rows in seen if end < 100} == {1}
+    # the setting is the only difference: by default the question searches with its mean too
+    plain = tiny_engine(tiny).new_state("memory")
+    seen_plain = _searches(plain)
+    tiny_engine(tiny).prefill(plain, ids)
+    assert {rows for _, rows in seen_plain} == {1}
+    assert [end for end, _ in seen_plain] == [end for end, _ in seen]
+
+
+def test_an_unknown_final_retrieval_is_refused(tiny):
+    with pytest.raises(ValueError, match="final_retrieval"):
+        tiny_engine(tiny, dataclasses.replace(SMALL, final_retrieval="median")).new_state("memory")
