@@ -102,6 +102,20 @@ def block_layout(cfg: ModelConfig, mem: MemorySettings) -> BlockLayout:
     )
 
 
+def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
+    """Raise ValueError for settings no attention state can run with (before any work is done)."""
+    if mem.mode not in MODES:
+        raise ValueError(f"unknown attention mode {mem.mode!r}; choose one of {MODES}")
+    if mem.memory_positions not in MEMORY_POSITIONS:
+        raise ValueError(f"unknown memory_positions {mem.memory_positions!r}; choose one of {MEMORY_POSITIONS}")
+    for name, strategy in (("retrieval", retrieval), ("final_retrieval", mem.final_retrieval or retrieval)):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown {name} strategy {strategy!r}; choose one of {STRATEGIES}")
+    if mem.mode != "full" and mem.window % mem.block_size:
+        raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
+    parse_layer_top_k(mem.layer_top_k, mem.top_k, 1 << 16)
+
+
 class KVBuffer:
     """Sinks + local tokens of every layer, in compact slots that grow on demand.
 
@@ -184,17 +198,9 @@ class StreamingAttention:
         retrieval: str = "mean",
         trace: bool = False,
     ) -> None:
-        if mem.mode not in MODES:
-            raise ValueError(f"unknown attention mode {mem.mode!r}; choose one of {MODES}")
+        check_memory_settings(mem, retrieval)
         if mem.mode in ("memory", "memorizing") and batch != 1:
             raise ValueError(f"{mem.mode} mode reads one stream at a time (batch=1)")
-        if mem.memory_positions not in MEMORY_POSITIONS:
-            raise ValueError(f"unknown memory_positions {mem.memory_positions!r}; choose one of {MEMORY_POSITIONS}")
-        for name, strategy in (("retrieval", retrieval), ("final_retrieval", mem.final_retrieval or retrieval)):
-            if strategy not in STRATEGIES:
-                raise ValueError(f"unknown {name} strategy {strategy!r}; choose one of {STRATEGIES}")
-        if mem.mode != "full" and mem.window % mem.block_size:
-            raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
         self.cfg, self.rope, self.mem, self.dtype = cfg, rope, mem, dtype
         self.mode = mem.mode
         self.layout = block_layout(cfg, mem)

@@ -156,15 +156,15 @@ def memory_options(fn):
     help="trials run in this many processes at once, the threads shared among them (same keys and answers)",
 )
 @click.option(
-    "--final-retrieval",
-    "final_retrieval",
+    "--variants",
     default=None,
-    help="memory mode: answer each trial once per strategy (e.g. mean,heads) from one read of its prompt; "
-    "each is an arm, memory/final=STRATEGY (see MEMLLM_MEMORY_FINAL_RETRIEVAL)",
+    help="memory mode: answer each trial once per variant from one read of its prompt; variants split by ';', "
+    "each the settings of the question and answer, e.g. 'final_retrieval=mean;final_retrieval=heads;top_k=64'; "
+    "each is an arm, memory/VARIANT",
 )
 @memory_options
 @friendly_errors
-def bench_passkey(lengths, depths, trials, filler, modes, out, workers, final_retrieval, **memory) -> None:
+def bench_passkey(lengths, depths, trials, filler, modes, out, workers, variants, **memory) -> None:
     """Passkey retrieval accuracy over lengths x depths, per mode (heatmap PNG beside the JSON)."""
     from memllm.bench import passkey
     from memllm.bench.common import format_table, parse_sizes
@@ -179,7 +179,7 @@ def bench_passkey(lengths, depths, trials, filler, modes, out, workers, final_re
         [m.strip() for m in modes.split(",")],
         out,
         workers=workers,
-        final_retrievals=[s.strip() for s in final_retrieval.split(",")] if final_retrieval else None,
+        variants=[v.strip() for v in variants.split(";") if v.strip()] if variants else None,
         **_memory_overrides(**memory),
     )
     click.echo("\n" + format_table(rows))

@@ -115,6 +115,20 @@ def _fields_from_env(cls: type, env: dict[str, str] | os._Environ, prefix: str, 
     return values
 
 
+def parse_memory_changes(spec: str) -> dict[str, object]:
+    """ "top_k=64,final_retrieval=heads" -> {"top_k": 64, "final_retrieval": "heads"}: ``MemorySettings``
+    fields, each value read as its ``MEMLLM_MEMORY_*`` variable would be."""
+    raw: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(MemorySettings)}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in names:
+            raise ValueError(f"{part!r}: expected FIELD=VALUE with a memory setting, one of {sorted(names)}")
+        raw[ENV_PREFIX + "MEMORY_" + name.upper()] = value.strip()
+    return _fields_from_env(MemorySettings, raw, ENV_PREFIX + "MEMORY_")
+
+
 def memory_overrides(**given: object) -> dict[str, object]:
     """The ``MemorySettings`` changes among ``given`` (None = not given). A ``top_k`` given for one
     request or command applies to every layer: it replaces the per-layer ``layer_top_k``."""

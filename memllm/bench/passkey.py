@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from memllm.attention import check_memory_settings
 from memllm.bench.common import essays_text, format_table, machine_info, write_json
 from memllm.engine import Engine
 from memllm.sampling import SamplingParams
+from memllm.settings import MemorySettings, memory_overrides, parse_memory_changes
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -118,19 +120,41 @@ def run_trial(engine: Engine, prompt: PasskeyPrompt, mode: str, max_tokens: int 
     return _scored(engine, prompt, tokens, time.perf_counter() - t0)
 
 
-def run_final_variants(
-    engine: Engine, prompt: PasskeyPrompt, strategies: list[str], max_tokens: int = 8, **overrides
+# settings an answer may change without changing the read it shares (``run_answer_variants``)
+ANSWER_SETTINGS = frozenset(
+    {"final_retrieval", "top_k", "layer_top_k", "memory_bias", "memory_distance", "memory_positions", "asking_tokens"}
+)
+
+
+def parse_variant(spec: str) -> dict[str, object]:
+    """ "final_retrieval=heads,top_k=64" -> the memory settings changes of one answer variant."""
+    changes = parse_memory_changes(spec)
+    if not changes:
+        raise ValueError("an empty answer variant")
+    fixed = sorted(set(changes) - ANSWER_SETTINGS)
+    if fixed:
+        raise ValueError(f"{fixed}: the shared read fixes these; a variant may change {sorted(ANSWER_SETTINGS)}")
+    changes = memory_overrides(**changes)
+    check_memory_settings(dataclasses.replace(MemorySettings(), **changes))
+    return changes
+
+
+def run_answer_variants(
+    engine: Engine, prompt: PasskeyPrompt, variants: list[str], max_tokens: int = 8, **overrides
 ) -> list[dict]:
-    """One memory-mode trial answered once per ``final_retrieval`` strategy, from one read.
+    """One memory-mode trial answered once per variant, from one read.
 
     The prompt is read up to its question (the final forward ``Engine.prefill_end`` splits off);
-    each strategy then reads the question and answers from a copy of that state, over the same
-    memory. Each answer is the one ``run_trial`` gives with ``final_retrieval=strategy``; the read,
-    which is nearly all of a trial's time, is shared. ``seconds``: the read plus that answer.
+    each variant (``parse_variant``: e.g. ``final_retrieval=heads`` or ``top_k=64``) then reads the
+    question and answers from a copy of that state, over the same memory, with its settings. Each
+    answer is the one ``run_trial`` gives when the question and answer alone run with those
+    settings; the read, which is nearly all of a trial's time, is shared. ``seconds``: the read
+    plus that answer.
     """
     from memllm.chat.state import fork_state
     from memllm.memory.source import InMemorySource
 
+    changes = [parse_variant(v) for v in variants]
     state = engine.new_state("memory", **overrides)
     total = len(prompt.ids)
     t0 = time.perf_counter()
@@ -144,21 +168,16 @@ def run_final_variants(
     shared = time.perf_counter() - t0
     question = torch.tensor([prompt.ids[read:]], dtype=torch.long)
     results = []
-    for strategy in strategies:
+    for variant, change in zip(variants, changes, strict=True):
         t1 = time.perf_counter()
         copy = fork_state(
-            engine,
-            state,
-            sink=InMemorySource(state.layout, name="answer"),
-            extra_sources=[state.memory],
-            final_retrieval=strategy,
+            engine, state, sink=InMemorySource(state.layout, name="answer"), extra_sources=[state.memory], **change
         )
         with torch.inference_mode():
             copy.reading_question = True
             logits = copy.forward(engine.model, question, last_only=True)[0, -1]
         tokens = list(engine.generate(copy, prompt.ids, SamplingParams(max_tokens=max_tokens), logits=logits))
-        result = _scored(engine, prompt, tokens, shared + time.perf_counter() - t1)
-        results.append({"final_retrieval": strategy, **result})
+        results.append({"variant": variant, **_scored(engine, prompt, tokens, shared + time.perf_counter() - t1)})
     return results
 
 
@@ -168,9 +187,9 @@ def _scored(engine: Engine, prompt: PasskeyPrompt, tokens: list[int], seconds: f
 
 
 def arm(trial: dict) -> str:
-    """What a trial record measured: its mode, and the final retrieval where the run varied it."""
-    strategy = trial.get("final_retrieval")
-    return trial["mode"] if strategy is None else f"{trial['mode']}/final={strategy}"
+    """What a trial record measured: its mode, and the answer variant where the run had several."""
+    variant = trial.get("variant")
+    return trial["mode"] if variant is None else f"{trial['mode']}/{variant}"
 
 
 def trial_key(seed: int, length: int, depth: float, trial: int) -> int:
@@ -189,22 +208,19 @@ def run(
     out: Path,
     seed: int = 0,
     workers: int = 1,
-    final_retrievals: list[str] | None = None,
+    variants: list[str] | None = None,
     **overrides,
 ) -> list[dict]:
     """Run (or resume) the grid; returns one summary row per (arm, length).
 
-    ``final_retrievals``: memory-mode trials are answered once per strategy from one read
-    (``run_final_variants``); each strategy is an arm of its own, ``memory/final=STRATEGY``.
+    ``variants``: memory-mode trials are answered once per variant from one read
+    (``run_answer_variants``); each variant is an arm of its own, ``memory/VARIANT``.
     ``workers`` > 1 runs trials in that many processes, each loading the configured model (the
     ``MEMLLM_*`` settings, not ``engine``) with ``threads // workers`` threads; ``engine`` then only
     builds the prompts. Keys, prompts and answers are those of a one-process run.
     """
-    from memllm.memory.retrieval import STRATEGIES
-
-    unknown = sorted(set(final_retrievals or ()) - set(STRATEGIES))
-    if unknown:
-        raise ValueError(f"unknown final retrieval {unknown}; choose from {STRATEGIES}")
+    for v in variants or ():
+        parse_variant(v)  # refused before any trial
     done: list[dict] = []
     if out.exists():
         done = json.loads(out.read_text()).get("trials", [])
@@ -212,9 +228,9 @@ def run(
     max_len = engine.model.config.max_positions
 
     def unseen(mode: str, length: int, depth: float, trial: int) -> tuple[str, ...] | None:
-        """The final-retrieval strategies still to run (None: a plain trial), () when done."""
-        if mode == "memory" and final_retrievals:
-            return tuple(s for s in final_retrievals if (f"{mode}/final={s}", length, depth, trial) not in seen)
+        """The answer variants still to run (None: a plain trial), () when done."""
+        if mode == "memory" and variants:
+            return tuple(v for v in variants if (f"{mode}/{v}", length, depth, trial) not in seen)
         return None if (mode, length, depth, trial) not in seen else ()
 
     jobs = [
@@ -250,17 +266,17 @@ def run(
     return rows
 
 
-def _run_job(engine: Engine, prompt: PasskeyPrompt, mode: str, strategies: tuple[str, ...] | None, overrides: dict):
+def _run_job(engine: Engine, prompt: PasskeyPrompt, mode: str, variants: tuple[str, ...] | None, overrides: dict):
     """The results (one per arm) of one (mode, length, depth, trial) job."""
-    if strategies:
-        return run_final_variants(engine, prompt, list(strategies), **overrides)
+    if variants:
+        return run_answer_variants(engine, prompt, list(variants), **overrides)
     return [run_trial(engine, prompt, mode, **overrides)]
 
 
 def _trial_results(
     engine: Engine, jobs: list[tuple], prompt: Callable[[tuple], PasskeyPrompt], workers: int, overrides: dict
 ) -> Iterator[tuple[tuple, dict]]:
-    """(job, results) for every (mode, length, depth, trial, strategies) job, in order of completion. In one
+    """(job, results) for every (mode, length, depth, trial, variants) job, in order of completion. In one
     process each prompt is built when its trial starts; with workers, all are built and queued."""
     if workers <= 1:
         for job in jobs:
@@ -293,10 +309,10 @@ def _start_worker(threads: int) -> None:
     _WORKER_ENGINE = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
 
 
-def _worker_trial(ids: list[int], key: int, mode: str, strategies: tuple[str, ...] | None, overrides: dict):
+def _worker_trial(ids: list[int], key: int, mode: str, variants: tuple[str, ...] | None, overrides: dict):
     assert _WORKER_ENGINE is not None, "the worker was not started"
     prompt = PasskeyPrompt(ids=ids, key=key, needle_span=(0, 0))
-    return _run_job(_WORKER_ENGINE, prompt, mode, strategies, overrides)
+    return _run_job(_WORKER_ENGINE, prompt, mode, variants, overrides)
 
 
 def _save(out: Path, trials: list[dict], filler: str, overrides: dict) -> None:

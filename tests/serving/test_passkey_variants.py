@@ -1,5 +1,5 @@
-"""``run_final_variants``: one passkey trial answered under several final-retrieval strategies from
-one read gives, per strategy, the answer of a trial run with that strategy from the start."""
+"""``run_answer_variants``: one passkey trial answered under several question-and-answer settings
+from one read gives, per variant, the answer of a trial run with those settings from the start."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from serving_helpers import SMALL, NoTokenizer, prompt, tiny_engine
 
 from memllm.bench import passkey
-from memllm.bench.passkey import PasskeyPrompt, run_final_variants, run_trial
+from memllm.bench.passkey import PasskeyPrompt, parse_variant, run_answer_variants, run_trial
 
 
 class IdsTokenizer(NoTokenizer):
@@ -29,65 +29,105 @@ def engine(tiny):
 STRATEGIES = ["mean", "heads", "last", "mean+last"]
 
 
+def _trial(seed: int, n: int = 150) -> PasskeyPrompt:
+    return PasskeyPrompt(ids=prompt(seed, n), key=7, needle_span=(0, 0))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_each_strategy_answers_as_a_trial_of_its_own(engine, seed):
-    trial = PasskeyPrompt(ids=prompt(seed, 150), key=7, needle_span=(0, 0))
-    got = run_final_variants(engine, trial, STRATEGIES, max_tokens=6)
-    assert [r["final_retrieval"] for r in got] == STRATEGIES
-    for r in got:
-        alone = run_trial(engine, trial, "memory", max_tokens=6, final_retrieval=r["final_retrieval"])
+def test_each_final_retrieval_answers_as_a_trial_of_its_own(engine, seed):
+    variants = [f"final_retrieval={s}" for s in STRATEGIES]
+    got = run_answer_variants(engine, _trial(seed), variants, max_tokens=6)
+    assert [r["variant"] for r in got] == variants
+    for strategy, r in zip(STRATEGIES, got, strict=True):
+        alone = run_trial(engine, _trial(seed), "memory", max_tokens=6, final_retrieval=strategy)
         assert r["answer"] == alone["answer"]
         assert r["passed"] == alone["passed"] == (int(r["answer"].split()[0]) == 7)
 
 
-def test_the_strategies_see_different_blocks(engine):
-    """Guard for the test above: the strategies are not one answer under four names. Over a few
-    prompts, per-head search of the question answers differently from the mean somewhere."""
+def test_a_variant_of_the_reads_own_settings_answers_as_the_plain_trial(engine):
+    for seed in range(3):
+        (got,) = run_answer_variants(engine, _trial(seed), [f"top_k={SMALL.top_k},memory_bias={SMALL.memory_bias}"])
+        assert got["answer"] == run_trial(engine, _trial(seed), "memory")["answer"]
+
+
+def test_the_variants_change_the_answers(engine):
+    """Guard for the tests above: the variants are not one answer under several names. Over a few
+    prompts, per-head search of the question, and a top-1 search, answer differently somewhere."""
+    variants = ["final_retrieval=mean", "final_retrieval=heads", "top_k=1"]
     answers = [
-        {
-            r["final_retrieval"]: r["answer"]
-            for r in run_final_variants(engine, PasskeyPrompt(prompt(s, 150), 7, (0, 0)), STRATEGIES, max_tokens=6)
-        }
+        {r["variant"]: r["answer"] for r in run_answer_variants(engine, _trial(s), variants, max_tokens=6)}
         for s in range(3)
     ]
-    assert any(a["heads"] != a["mean"] for a in answers)
+    assert any(a["final_retrieval=heads"] != a["final_retrieval=mean"] for a in answers)
+    assert any(a["top_k=1"] != a["final_retrieval=mean"] for a in answers)
 
 
 def test_a_prompt_of_one_chunk_has_no_question_forward_to_vary(engine):
     with pytest.raises(ValueError, match="one forward"):
-        run_final_variants(engine, PasskeyPrompt(prompt(0, SMALL.chunk), 7, (0, 0)), STRATEGIES)
+        run_answer_variants(engine, _trial(0, SMALL.chunk), ["final_retrieval=heads"])
 
 
-def test_the_grid_records_one_arm_per_strategy_and_resumes(engine, tmp_path, monkeypatch):
-    """Each strategy is an arm (``memory/final=S``) in the JSON and the summary; a rerun with one
-    more strategy runs only that one."""
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("block_size=64", "the shared read fixes"),
+        ("window=128", "the shared read fixes"),
+        ("top_k", "expected FIELD=VALUE"),
+        ("colour=red", "expected FIELD=VALUE"),
+        ("top_k=many", "not a valid int"),
+        ("final_retrieval=median", "unknown final_retrieval"),
+        ("memory_positions=shuffled", "unknown memory_positions"),
+        ("", "empty"),
+    ],
+)
+def test_a_bad_variant_is_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_variant(spec)
+
+
+def test_a_variant_reads_its_values_as_the_environment_would():
+    assert parse_variant("top_k=64, final_retrieval=heads") == {
+        "top_k": 64,
+        "final_retrieval": "heads",
+        "layer_top_k": "",
+    }
+    assert parse_variant("memory_bias=-1") == {"memory_bias": -1.0}
+
+
+def test_the_grid_records_one_arm_per_variant_and_resumes(engine, tmp_path, monkeypatch):
+    """Each variant is an arm (``memory/VARIANT``) in the JSON and the summary; a rerun with one
+    more variant runs only that one."""
     calls: list[tuple[str, ...]] = []
-    real = passkey.run_final_variants
+    real = passkey.run_answer_variants
 
-    def counted(engine, prompt, strategies, **kw):
-        calls.append(tuple(strategies))
-        return real(engine, prompt, strategies, max_tokens=4, **kw)
+    def counted(engine, prompt, variants, **kw):
+        calls.append(tuple(variants))
+        return real(engine, prompt, variants, max_tokens=4, **kw)
 
-    monkeypatch.setattr(passkey, "run_final_variants", counted)
+    monkeypatch.setattr(passkey, "run_answer_variants", counted)
     monkeypatch.setattr(
         passkey, "build_prompt", lambda e, n, d, key, f, offset=0: PasskeyPrompt(prompt(n, 150), key, (0, 0))
     )
     out = tmp_path / "grid.json"
     grid = dict(lengths=[150], depths=[0.0, 1.0], trials=1, filler="grass", modes=["memory"], out=out)
-    rows = passkey.run(engine, final_retrievals=["mean", "heads"], **grid)
-    assert [r["mode"] for r in rows] == ["memory/final=mean", "memory/final=heads"]
+    two = ["final_retrieval=mean", "top_k=1"]
+    rows = passkey.run(engine, variants=two, **grid)
+    assert [r["mode"] for r in rows] == ["memory/final_retrieval=mean", "memory/top_k=1"]
     assert all(r["trials"] == 2 for r in rows)
-    assert calls == [("mean", "heads")] * 2
+    assert calls == [tuple(two)] * 2
     calls.clear()
-    rows = passkey.run(engine, final_retrievals=["mean", "heads", "last"], **grid)
-    assert calls == [("last",)] * 2
-    assert [r["mode"] for r in rows] == ["memory/final=mean", "memory/final=heads", "memory/final=last"]
+    rows = passkey.run(engine, variants=[*two, "final_retrieval=heads"], **grid)
+    assert calls == [("final_retrieval=heads",)] * 2
+    assert [r["mode"] for r in rows] == [f"memory/{v}" for v in [*two, "final_retrieval=heads"]]
     trials = json.loads(out.read_text())["trials"]
-    assert sorted((t["final_retrieval"], t["depth"]) for t in trials) == sorted(
-        (s, d) for s in ("mean", "heads", "last") for d in (0.0, 1.0)
+    assert sorted((t["variant"], t["depth"]) for t in trials) == sorted(
+        (v, d) for v in [*two, "final_retrieval=heads"] for d in (0.0, 1.0)
     )
 
 
-def test_an_unknown_strategy_is_refused_before_any_trial(engine, tmp_path):
-    with pytest.raises(ValueError, match="unknown final retrieval"):
-        passkey.run(engine, [150], [0.0], 1, "grass", ["memory"], tmp_path / "x.json", final_retrievals=["median"])
+def test_a_bad_variant_is_refused_before_any_trial(engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(passkey, "run_answer_variants", lambda *a, **k: pytest.fail("a trial ran"))
+    with pytest.raises(ValueError, match="unknown final_retrieval"):
+        passkey.run(
+            engine, [150], [0.0], 1, "grass", ["memory"], tmp_path / "x.json", variants=["final_retrieval=median"]
+        )
