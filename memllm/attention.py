@@ -206,6 +206,9 @@ class StreamingAttention:
         self.layout = block_layout(cfg, mem)
         self.memory_layers = frozenset(self.layout.layers) if self.mode == "memory" else frozenset()
         self.top_k = parse_layer_top_k(mem.layer_top_k, mem.top_k, cfg.n_layers)  # blocks per search, per layer
+        # the question's forward (``reading_question``) searches with its own strategy and top-k
+        self._question_top_k = tuple(mem.final_top_k if mem.final_top_k > 0 and k > 0 else k for k in self.top_k)
+        self._top_k_now = self.top_k
         self.token_memory: TokenMemory | None = None
         if self.mode == "memorizing":
             layers = parse_layers(mem.memorizing_layers, cfg.n_layers)
@@ -254,6 +257,7 @@ class StreamingAttention:
         self._cos_sin = self.rope.cos_sin(torch.arange(start, start + n_new), self.dtype)
         asking = self.reading_question and n_new > 1
         self._strategy = (self.mem.final_retrieval or self.retrieval) if asking else self.retrieval
+        self._top_k_now = self._question_top_k if asking else self.top_k
         if n_new > 1:
             self._search_now, self._decode_steps = True, 0
         else:
@@ -447,7 +451,7 @@ class StreamingAttention:
         rows comparable so the best block of any head/token can win (docs/retrieval-study.md).
         """
         rows, kv, vectors = per_head_rows(q, self.cfg.n_kv_heads, self.mem.asking_tokens)
-        scores, ids = self.memory.search(layer, rows.numpy(), self.top_k[layer])
+        scores, ids = self.memory.search(layer, rows.numpy(), self._top_k_now[layer])
         # (Hkv, n, D) sinks + local + the tokens read now, a sample of keys; without the tokens read
         # now, a fresh state's first chunk (a knowledge-base question) had none: NaN scores, nothing retrieved
         keys = self.buf.raw[layer, 0, :, : self.buf.length + self._pending]
@@ -457,7 +461,7 @@ class StreamingAttention:
 
     def _retrieve(self, layer: int, q: torch.Tensor) -> _Retrieved | None:
         """Blocks this layer attends to for the current tokens (searched now or reused)."""
-        top_k = self.top_k[layer]
+        top_k = self._top_k_now[layer]
         if self.memory is None or self.memory.num_blocks() == 0 or top_k <= 0:
             return None
         if not self._search_now and layer in self._retrieved:

@@ -52,8 +52,12 @@ class MemorySettings:
     # (the 16K passkey miss at depth 0.75 of sessions 7-12 was this; docs/RESULTS.md, session 13). 0 = off
     final_chunk: int = 16
     # how those final tokens (the question) search memory: a retrieval strategy (mean, last, mean+last,
-    # heads; memllm/memory/retrieval.py), "" = as every other chunk (``Settings.retrieval``)
-    final_retrieval: str = ""
+    # heads; memllm/memory/retrieval.py), "" = as every other chunk (``Settings.retrieval``), and how many
+    # blocks they retrieve per memory layer (0 = top_k; 16 queries, so a wide search costs little). heads
+    # and 64 recalled the three passkey misses at 32K and 64K that the chunk mean and top_k missed
+    # (docs/RESULTS.md, session 14)
+    final_retrieval: str = "heads"
+    final_top_k: int = 64
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
     memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode

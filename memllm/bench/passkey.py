@@ -122,7 +122,16 @@ def run_trial(engine: Engine, prompt: PasskeyPrompt, mode: str, max_tokens: int 
 
 # settings an answer may change without changing the read it shares (``run_answer_variants``)
 ANSWER_SETTINGS = frozenset(
-    {"final_retrieval", "top_k", "layer_top_k", "memory_bias", "memory_distance", "memory_positions", "asking_tokens"}
+    {
+        "final_retrieval",
+        "final_top_k",
+        "top_k",
+        "layer_top_k",
+        "memory_bias",
+        "memory_distance",
+        "memory_positions",
+        "asking_tokens",
+    }
 )
 
 

@@ -3,6 +3,7 @@ from one read gives, per variant, the answer of a trial run with those settings 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,9 +20,13 @@ class IdsTokenizer(NoTokenizer):
         return " ".join(str(i) for i in ids)
 
 
+# the question retrieves top_k (3) of the ~15 blocks: which strategy searches decides what it sees
+MEM = dataclasses.replace(SMALL, final_top_k=0)
+
+
 @pytest.fixture
 def engine(tiny):
-    engine = tiny_engine(tiny)
+    engine = tiny_engine(tiny, MEM)
     engine.tokenizer = IdsTokenizer()
     return engine
 
@@ -46,20 +51,21 @@ def test_each_final_retrieval_answers_as_a_trial_of_its_own(engine, seed):
 
 def test_a_variant_of_the_reads_own_settings_answers_as_the_plain_trial(engine):
     for seed in range(3):
-        (got,) = run_answer_variants(engine, _trial(seed), [f"top_k={SMALL.top_k},memory_bias={SMALL.memory_bias}"])
+        own = f"top_k={MEM.top_k},final_top_k={MEM.final_top_k},final_retrieval={MEM.final_retrieval}"
+        (got,) = run_answer_variants(engine, _trial(seed), [own])
         assert got["answer"] == run_trial(engine, _trial(seed), "memory")["answer"]
 
 
 def test_the_variants_change_the_answers(engine):
     """Guard for the tests above: the variants are not one answer under several names. Over a few
     prompts, per-head search of the question, and a top-1 search, answer differently somewhere."""
-    variants = ["final_retrieval=mean", "final_retrieval=heads", "top_k=1"]
+    variants = ["final_retrieval=mean", "final_retrieval=heads", "final_top_k=1"]
     answers = [
         {r["variant"]: r["answer"] for r in run_answer_variants(engine, _trial(s), variants, max_tokens=6)}
         for s in range(3)
     ]
     assert any(a["final_retrieval=heads"] != a["final_retrieval=mean"] for a in answers)
-    assert any(a["top_k=1"] != a["final_retrieval=mean"] for a in answers)
+    assert any(a["final_top_k=1"] != a["final_retrieval=mean"] for a in answers)
 
 
 def test_a_prompt_of_one_chunk_has_no_question_forward_to_vary(engine):

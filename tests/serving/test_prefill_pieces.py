@@ -51,13 +51,13 @@ def test_the_last_search_comes_from_the_final_piece(tiny, monkeypatch):
     assert ends[-1] - ends[-2] == SMALL.final_chunk
 
 
-def _searches(state) -> list[tuple[int, int]]:
-    """Record (tokens read once the searching forward ends, query rows) of each memory search."""
-    seen: list[tuple[int, int]] = []
+def _searches(state, with_k: bool = False) -> list[tuple[int, ...]]:
+    """Record (tokens read once the searching forward ends, query rows[, k]) of each memory search."""
+    seen: list[tuple[int, ...]] = []
     real_search = state.memory.search
 
     def search(layer, queries, k):
-        seen.append((state.n_tokens + state._pending, len(queries)))
+        seen.append((state.n_tokens + state._pending, len(queries), *((k,) if with_k else ())))
         return real_search(layer, queries, k)
 
     state.memory.search = search
@@ -92,10 +92,11 @@ async def test_the_question_searches_with_the_final_retrieval(tiny, reader):
     heads_rows = tiny.config.n_heads * SMALL.final_chunk
     assert {rows for end, rows in seen if end == 100} == {heads_rows}
     assert {rows for end, rows in seen if end < 100} == {1}
-    # the setting is the only difference: by default the question searches with its mean too
-    plain = tiny_engine(tiny).new_state("memory")
+    # the setting is the only difference: with final_retrieval "" the question searches with its mean too
+    plain_engine = tiny_engine(tiny, dataclasses.replace(SMALL, final_retrieval=""))
+    plain = plain_engine.new_state("memory")
     seen_plain = _searches(plain)
-    tiny_engine(tiny).prefill(plain, ids)
+    plain_engine.prefill(plain, ids)
     assert {rows for _, rows in seen_plain} == {1}
     assert [end for end, _ in seen_plain] == [end for end, _ in seen]
 
@@ -103,3 +104,29 @@ async def test_the_question_searches_with_the_final_retrieval(tiny, reader):
 def test_an_unknown_final_retrieval_is_refused(tiny):
     with pytest.raises(ValueError, match="final_retrieval"):
         tiny_engine(tiny, dataclasses.replace(SMALL, final_retrieval="median")).new_state("memory")
+
+
+@pytest.mark.parametrize("reader", ["engine", "scheduler"])
+async def test_the_question_retrieves_final_top_k_blocks(tiny, reader):
+    """``final_top_k`` blocks for the question's forward, ``top_k`` for every other search; a layer
+    whose top-k is 0 (``layer_top_k``) still retrieves nothing."""
+    mem = dataclasses.replace(SMALL, final_top_k=5, layer_top_k="0:0")
+    engine = tiny_engine(tiny, mem)
+    state = engine.new_state("memory")
+    seen = _searches(state, with_k=True)
+    ids = prompt(4, 100)
+    if reader == "engine":
+        engine.prefill(state, ids)
+    else:
+        await _read_in_scheduler(engine, state, ids)
+    searching_layers = tiny.config.n_layers - 1
+    assert [k for end, _, k in seen if end == 100] == [5] * searching_layers
+    assert {k for end, _, k in seen if end < 100} == {SMALL.top_k}
+
+
+def test_final_top_k_0_is_top_k(tiny):
+    engine = tiny_engine(tiny, dataclasses.replace(SMALL, final_top_k=0))
+    state = engine.new_state("memory")
+    seen = _searches(state, with_k=True)
+    engine.prefill(state, prompt(4, 100))
+    assert {k for _, _, k in seen} == {SMALL.top_k}
