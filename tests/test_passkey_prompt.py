@@ -89,3 +89,20 @@ def test_a_split_grid_asks_the_keys_of_the_whole_grid(engine, tmp_path, monkeypa
     split = keys("low.json", [0.0]) | keys("high.json", [0.5, 1.0])
     assert split == whole
     assert len(set(whole.values())) == 6
+
+
+def test_the_summary_and_heatmap_cover_every_length_the_file_holds(engine, tmp_path, monkeypatch):
+    """A grid split by length into one file (two commands): the second run's table and heatmap hold
+    the first run's length and depths too, not only its own."""
+    monkeypatch.setattr(
+        passkey, "run_trial", lambda engine, prompt, mode, **o: {"answer": "", "passed": True, "seconds": 0.0}
+    )
+    drawn = {}
+    monkeypatch.setattr(
+        passkey, "plot", lambda trials, modes, lengths, depths, path: drawn.update(lengths=lengths, depths=depths)
+    )
+    out = tmp_path / "grid.json"
+    run(engine, lengths=[1024], depths=[0.0], trials=1, filler="grass", modes=["memory"], out=out)
+    rows = run(engine, lengths=[1536], depths=[0.5], trials=1, filler="grass", modes=["memory"], out=out)
+    assert [r["length"] for r in rows] == [1024, 1536]
+    assert drawn == {"lengths": [1024, 1536], "depths": [0.0, 0.5]}

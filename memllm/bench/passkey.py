@@ -220,7 +220,8 @@ def run(
     variants: list[str] | None = None,
     **overrides,
 ) -> list[dict]:
-    """Run (or resume) the grid; returns one summary row per (arm, length).
+    """Run (or resume) the grid; returns one summary row per (arm, length) of every trial ``out``
+    holds (this run's and earlier runs' into the same file), as does the heatmap.
 
     ``variants``: memory-mode trials are answered once per variant from one read
     (``run_answer_variants``); each variant is an arm of its own, ``memory/VARIANT``.
@@ -270,8 +271,11 @@ def run(
         bar.set_postfix(mode=mode, length=length, ok="".join("+-"[not r["passed"]] for r in results))
         _save(out, done, filler, overrides)
     bar.close()
-    rows = summarize(done, modes, lengths)
-    plot(done, modes, lengths, depths, out.with_suffix(".png"))
+    # the file may hold more of the grid than this run asked for (runs split by length or depth)
+    all_lengths = sorted({t["length"] for t in done} | set(lengths))
+    all_depths = sorted({t["depth"] for t in done} | set(depths))
+    rows = summarize(done, modes, all_lengths)
+    plot(done, modes, all_lengths, all_depths, out.with_suffix(".png"))
     return rows
 
 
@@ -362,8 +366,12 @@ def plot(trials: list[dict], modes: list[str], lengths: list[int], depths: list[
     arms = _arms(trials, modes)
     if not arms:
         return
-    fig, axes = plt.subplots(1, len(arms), figsize=(4 * len(arms), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], arms, strict=True):
+    cols = min(4, len(arms))  # arms wrap onto rows of four panels
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.5 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel()[len(arms) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), arms, strict=False):
         grid = torch.full((len(depths), len(lengths)), float("nan"))
         for i, d in enumerate(depths):
             for j, n in enumerate(lengths):
@@ -375,8 +383,8 @@ def plot(trials: list[dict], modes: list[str], lengths: list[int], depths: list[
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("length")
         ax.set_ylabel("depth")
-        ax.set_title(name)
-    fig.colorbar(im, ax=axes.ravel().tolist())
+        ax.set_title(name.replace(",", ",\n"), fontsize=9)  # one setting per line: long variants stay legible
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="accuracy")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
