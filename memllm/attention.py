@@ -43,6 +43,7 @@ from kernels.grouped import (
 )
 from kernels.reference import merge_attention
 from memllm.memory.retrieval import (
+    REPRESENTATIVE_CHOICES,
     STRATEGIES,
     choose_representatives,
     group_sum_queries,
@@ -108,6 +109,10 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
         raise ValueError(f"unknown attention mode {mem.mode!r}; choose one of {MODES}")
     if mem.memory_positions not in MEMORY_POSITIONS:
         raise ValueError(f"unknown memory_positions {mem.memory_positions!r}; choose one of {MEMORY_POSITIONS}")
+    if mem.representative_choice not in REPRESENTATIVE_CHOICES:
+        raise ValueError(
+            f"unknown representative_choice {mem.representative_choice!r}; choose one of {REPRESENTATIVE_CHOICES}"
+        )
     for name, strategy in (("retrieval", retrieval), ("final_retrieval", mem.final_retrieval or retrieval)):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown {name} strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -317,7 +322,10 @@ class StreamingAttention:
         values = self.buf.val[layers, 0, :, slot : slot + count]
         mass = self.buf.mass[layers, 0, :, slot : slot + count]  # (Lm, Hkv, n)
         reps = torch.stack(
-            [choose_representatives(keys[i], mass[i], self.layout.representatives) for i in range(len(layers))]
+            [
+                choose_representatives(keys[i], mass[i], self.layout.representatives, self.mem.representative_choice)
+                for i in range(len(layers))
+            ]
         )
         start = self.local_start if slot >= self.n_sinks else slot
         return MemoryBlock(

@@ -30,6 +30,8 @@ class MemorySettings:
     chunk: int = 512  # tokens per prefill chunk (one kNN search per chunk and layer)
     block_size: int = 128  # tokens per memory block
     representatives: int = 4  # representative keys per block, indexed by FAISS
+    # which tokens' keys represent a block: mass (InfLLM), distinct, mass+distinct (memllm/memory/retrieval.py)
+    representative_choice: str = "mass"
     mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
     top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
     layer_top_k: str = ""  # per-layer overrides of top_k, "LAYERS:K,...", e.g. "11-29:8" (docs/RESULTS.md)

@@ -14,6 +14,7 @@ import torch
 from kernels.reference import attention_with_lse
 from memllm.attention import StreamingAttention, block_layout, parse_layer_top_k
 from memllm.memory.faiss_index import BlockIndex
+from memllm.memory.retrieval import choose_representatives, distinct_tokens
 from memllm.memory.source import PROVISIONAL_BASE, InMemorySource, MemoryView, split_view_id
 from memllm.memory.types import MemoryBlock
 from memllm.rope import Rope
@@ -193,6 +194,37 @@ def test_tracing_memory_does_not_change_the_output(tiny, dtype):
 def test_unknown_memory_positions_are_refused(tiny):
     with pytest.raises(ValueError, match="memory_positions 'sorted'"):
         _state(tiny, dataclasses.replace(SMALL, memory_positions="sorted"))
+
+
+def test_unknown_representative_choice_is_refused(tiny):
+    with pytest.raises(ValueError, match="representative_choice 'max'"):
+        _state(tiny, dataclasses.replace(SMALL, representative_choice="max"))
+
+
+def test_representative_choices_pick_mass_and_distinct_tokens():
+    """``mass`` takes the tokens that drew the most attention; ``distinct`` the planted outlier keys
+    of a block of near-identical keys; ``mass+distinct`` both, without repeating a token."""
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 1, 16, generator=gen).expand(2, 12, 16).clone()  # (Hkv, n, D): all tokens alike
+    keys += 0.01 * torch.randn(keys.shape, generator=gen)
+    keys[:, 7] += 3 * torch.randn(2, 16, generator=gen)  # the outliers: tokens 7 and 2
+    keys[:, 2] += 2 * torch.randn(2, 16, generator=gen)
+    mass = torch.zeros(2, 12)
+    mass[:, 4], mass[:, 9] = 5.0, 3.0  # the tokens that drew attention: 4, then 9
+
+    def chosen(choice: str, count: int) -> list[int]:
+        reps = choose_representatives(keys, mass, count, choice).view(-1, 2, 16)  # (R, Hkv, D)
+        return [int(torch.nonzero((keys.permute(1, 0, 2) == r).all(-1).all(-1))[0]) for r in reps]
+
+    assert chosen("mass", 2) == [4, 9]
+    assert chosen("distinct", 2) == [7, 2]
+    assert chosen("mass+distinct", 4) == [4, 9, 7, 2]
+    assert chosen("mass+distinct", 3) == [4, 9, 7]
+    mass[:, 7] = 9.0  # the most distinct token is also the heaviest: not chosen twice
+    assert chosen("mass+distinct", 2) == [7, 2]
+    assert distinct_tokens(keys, 20).tolist()[:2] == [7, 2] and len(distinct_tokens(keys, 20)) == 12
+    with pytest.raises(ValueError, match="representative choice 'max'"):
+        choose_representatives(keys, mass, 2, "max")
 
 
 def test_layer_top_k_sets_blocks_retrieved_per_layer(tiny):

@@ -3,7 +3,10 @@
 Reads one passkey prompt through the engine in memory mode, keeps the pre-RoPE queries of the last
 prompt chunk (forward hooks on the fused QKV projections), and ranks every memory block for each
 layer under each scoring (``mean``, ``last``, ``heads``): the offline check of retrieval that
-explains an end-to-end pass or failure without generating anything.
+explains an end-to-end pass or failure without generating anything. A last row, ``heads, every
+token``, ranks the blocks as ``heads`` would if every token of every block were a representative
+(searched exactly over the stored keys): where it finds the needle and ``heads`` does not, the
+block's representatives, not the question, are what missed it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from memllm.engine import Engine
 from memllm.memory.retrieval import key_statistics, per_head_rows, search_vectors, zscores
 
 SCORINGS = ("mean", "last", "heads")
+EVERY_TOKEN = "heads, every token"
 
 
 def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
@@ -25,6 +29,31 @@ def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
         if i >= 0 and s > best.get(i, -np.inf):
             best[i] = s
     return best
+
+
+def _rank(best: dict[int, float], needle: set[int]) -> int:
+    """The needle's rank (0 = first) among the blocks, best score first; ties keep block order."""
+    order = sorted(best, key=lambda i: -best[i])
+    return min(order.index(b) for b in needle)
+
+
+def _every_token_scores(
+    keys: torch.Tensor, lengths: torch.Tensor, vectors: torch.Tensor, kv: torch.Tensor, mean, cov
+) -> dict[int, float]:
+    """Per block, the best z-scored per-head logit over every token (not only its representatives).
+
+    keys (n_blocks, Hkv, bs, D) float32 pre-RoPE; lengths (n_blocks,); vectors (rows, D) the asking
+    queries and kv (rows,) their kv heads (:func:`per_head_rows`); mean, cov as :func:`key_statistics`.
+    """
+    n, hkv, bs, d = keys.shape
+    invalid = torch.arange(bs)[None, :] >= lengths[:, None]  # (n, bs)
+    best = torch.full((n,), float("-inf"))
+    for g in range(hkv):
+        rows = vectors[kv == g]  # (r, D)
+        logits = rows @ keys[:, g].reshape(n * bs, d).T  # (r, n*bs)
+        z = zscores(logits, rows, kv[kv == g], mean, cov).view(-1, n, bs).masked_fill(invalid, float("-inf"))
+        best = torch.maximum(best, z.amax(dim=(0, 2)))
+    return dict(enumerate(best.tolist()))
 
 
 @torch.inference_mode()
@@ -54,21 +83,26 @@ def needle_ranks(
     if not needle:
         raise ValueError("the needle is still in the local window: use a longer prompt or a smaller depth")
     rows = []
-    for scoring in SCORINGS:
+    for scoring in (*SCORINGS, EVERY_TOKEN):
         ranks = []
         for layer in range(cfg.n_layers):
             qkv = last_qkv[layer][0]  # (T, (Hq + 2 Hkv) * D)
             q = qkv[:, : cfg.n_heads * cfg.head_dim].reshape(-1, cfg.n_heads, cfg.head_dim).transpose(0, 1)
-            if scoring == "heads":
+            if scoring in ("heads", EVERY_TOKEN):
                 search, kv, vectors = per_head_rows(q, cfg.n_kv_heads, state.mem.asking_tokens)
-                scores, ids = source.search(layer, search.numpy(), n)
                 mean, cov = key_statistics(state.buf.raw[layer, 0, :, : state.buf.length])
+            if scoring == "heads":
+                scores, ids = source.search(layer, search.numpy(), n)
                 scores = zscores(torch.from_numpy(scores), vectors, kv, mean, cov).numpy()
+                best = _best_per_block(scores, ids)
+            elif scoring == EVERY_TOKEN:
+                blocks = source.fetch(layer, np.arange(n))
+                keys = torch.from_numpy(blocks.keys).float()
+                best = _every_token_scores(keys, torch.from_numpy(blocks.lengths), vectors, kv, mean, cov)
             else:
                 scores, ids = source.search(layer, search_vectors(q, cfg.n_kv_heads, scoring).numpy(), n)
-            best = _best_per_block(scores, ids)
-            order = sorted(best, key=lambda i: -best[i])
-            ranks.append(min(order.index(b) for b in needle))
+                best = _best_per_block(scores, ids)
+            ranks.append(_rank(best, needle))
         rows.append(
             {
                 "scoring": scoring,

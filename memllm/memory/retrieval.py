@@ -42,15 +42,48 @@ def search_vectors(q: torch.Tensor, n_kv_heads: int, strategy: str, last_n: int 
     raise ValueError(f"unknown retrieval strategy {strategy!r} (mean, last, mean+last; heads is per-head)")
 
 
-def choose_representatives(keys: torch.Tensor, mass: torch.Tensor, count: int) -> torch.Tensor:
+REPRESENTATIVE_CHOICES = ("mass", "distinct", "mass+distinct")
+
+
+def distinct_tokens(keys: torch.Tensor, count: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``count`` tokens of a block whose keys lie farthest from the block's mean key.
+
+    keys: (Hkv, n, D) pre-RoPE keys of the block's tokens at one layer. A token's distance is the
+    sum over kv heads of its squared distance to that head's mean key, each head's in units of that
+    head's mean squared distance, so that every head counts alike. Tokens in ``exclude`` (indices)
+    are not chosen. Returns indices (min(count, n - excluded),) int64, farthest first.
+    """
+    k = keys.float()
+    sq = (k - k.mean(dim=1, keepdim=True)).pow(2).sum(dim=-1)  # (Hkv, n)
+    distance = (sq / sq.mean(dim=1, keepdim=True).clamp_min(1e-12)).sum(dim=0)  # (n,)
+    if exclude is not None and exclude.numel():
+        distance[exclude] = float("-inf")
+        count = min(count, k.shape[1] - exclude.numel())
+    return torch.topk(distance, k=min(count, k.shape[1])).indices
+
+
+def choose_representatives(keys: torch.Tensor, mass: torch.Tensor, count: int, choice: str = "mass") -> torch.Tensor:
     """Pick a block's representative vectors.
 
     keys: (Hkv, n, D) pre-RoPE keys of the block's tokens at one layer; mass: (Hkv, n) attention
-    each token drew while in the local window. Returns (min(count, n), Hkv*D) float32: the keys of
-    the tokens that drew the most attention, summed over heads (InfLLM's choice).
+    each token drew while in the local window. Returns (min(count, n), Hkv*D) float32, the chosen
+    tokens' keys with the kv heads concatenated. ``choice``:
+      ``mass``           the tokens that drew the most attention, summed over heads (InfLLM's choice);
+      ``distinct``       the tokens whose keys lie farthest from the block's mean (:func:`distinct_tokens`):
+                         what sets the block apart from text like it, e.g. a needle in repeated filler;
+      ``mass+distinct``  half (rounded up) by mass, the rest the most distinct of the other tokens.
     """
     hkv, n, d = keys.shape
-    top = torch.topk(mass.sum(dim=0), k=min(count, n)).indices  # (R,)
+    count = min(count, n)
+    if choice == "mass":
+        top = torch.topk(mass.sum(dim=0), k=count).indices  # (R,)
+    elif choice == "distinct":
+        top = distinct_tokens(keys, count)
+    elif choice == "mass+distinct":
+        by_mass = torch.topk(mass.sum(dim=0), k=(count + 1) // 2).indices
+        top = torch.cat([by_mass, distinct_tokens(keys, count - len(by_mass), exclude=by_mass)])
+    else:
+        raise ValueError(f"unknown representative choice {choice!r}; choose one of {REPRESENTATIVE_CHOICES}")
     return keys[:, top, :].float().permute(1, 0, 2).reshape(len(top), hkv * d)
 
 
