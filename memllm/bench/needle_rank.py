@@ -38,7 +38,12 @@ def _rank(best: dict[int, float], needle: set[int]) -> int:
 
 
 def _every_token_scores(
-    keys: torch.Tensor, lengths: torch.Tensor, vectors: torch.Tensor, kv: torch.Tensor, mean, cov
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    vectors: torch.Tensor,
+    kv: torch.Tensor,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
 ) -> dict[int, float]:
     """Per block, the best z-scored per-head logit over every token (not only its representatives).
 

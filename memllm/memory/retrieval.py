@@ -73,17 +73,14 @@ def choose_representatives(keys: torch.Tensor, mass: torch.Tensor, count: int, c
                          what sets the block apart from text like it, e.g. a needle in repeated filler;
       ``mass+distinct``  half (rounded up) by mass, the rest the most distinct of the other tokens.
     """
+    if choice not in REPRESENTATIVE_CHOICES:
+        raise ValueError(f"unknown representative choice {choice!r}; choose one of {REPRESENTATIVE_CHOICES}")
     hkv, n, d = keys.shape
     count = min(count, n)
-    if choice == "mass":
-        top = torch.topk(mass.sum(dim=0), k=count).indices  # (R,)
-    elif choice == "distinct":
-        top = distinct_tokens(keys, count)
-    elif choice == "mass+distinct":
-        by_mass = torch.topk(mass.sum(dim=0), k=(count + 1) // 2).indices
-        top = torch.cat([by_mass, distinct_tokens(keys, count - len(by_mass), exclude=by_mass)])
-    else:
-        raise ValueError(f"unknown representative choice {choice!r}; choose one of {REPRESENTATIVE_CHOICES}")
+    n_mass = {"mass": count, "distinct": 0, "mass+distinct": (count + 1) // 2}[choice]
+    top = torch.topk(mass.sum(dim=0), k=n_mass).indices  # (n_mass,)
+    if count > n_mass:
+        top = torch.cat([top, distinct_tokens(keys, count - n_mass, exclude=top)])
     return keys[:, top, :].float().permute(1, 0, 2).reshape(len(top), hkv * d)
 
 
