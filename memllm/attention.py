@@ -46,6 +46,7 @@ from memllm.memory.retrieval import (
     REPRESENTATIVE_CHOICES,
     STRATEGIES,
     choose_representatives,
+    consensus_blocks,
     group_sum_queries,
     key_statistics,
     per_head_rows,
@@ -119,6 +120,8 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
     if mem.mode != "full" and mem.window % mem.block_size:
         raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
     parse_layer_top_k(mem.layer_top_k, mem.top_k, 1 << 16)
+    if mem.final_consensus < 0:
+        raise ValueError(f"final_consensus ({mem.final_consensus}) must be >= 0 (0: the question reads in one pass)")
 
 
 class KVBuffer:
@@ -225,6 +228,10 @@ class StreamingAttention:
         # ``Engine.prefill_end``): that forward searches memory with ``mem.final_retrieval``
         self.reading_question = False
         self._strategy = retrieval
+        # the question's voting pass (``prepare_question``) fills ``_ballots`` (each memory layer's
+        # ranked blocks); its second pass adds ``_consensus`` to every memory layer's blocks
+        self._ballots: dict[int, np.ndarray] | None = None
+        self._consensus: np.ndarray | None = None
         self.trace = MemoryTrace() if trace else None
         self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
@@ -242,6 +249,7 @@ class StreamingAttention:
     # ----------------------------------------------------------------------------- forward protocol
     def forward(self, model: Transformer, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Read tokens (B, T) and return their logits (see Transformer.forward)."""
+        self.prepare_question(model, tokens)
         self.begin(tokens.shape[1])
         try:
             return model(tokens, self, last_only=last_only)
@@ -271,8 +279,36 @@ class StreamingAttention:
                 self._search_now = True
             self._decode_steps += 1
 
+    @torch.inference_mode()
+    def prepare_question(self, model: Transformer, tokens: torch.Tensor) -> None:
+        """Before the question's forward (``reading_question``, ``final_consensus`` > 0, memory mode):
+        read the question once without committing it, and keep the ``final_consensus`` blocks its
+        memory layers' searches agree on (``consensus_blocks``) for the real forward, where every
+        memory layer attends to them besides its own. A no-op otherwise. Nothing of the voting pass
+        stays: the slots it wrote are rewritten, the key mass it added is restored, the trace skips it.
+        """
+        self._consensus = None
+        count = self.mem.final_consensus
+        if not (self.reading_question and count > 0 and tokens.shape[1] > 1 and self.memory_layers):
+            return
+        if self.memory is None or self.memory.num_blocks() == 0:
+            return
+        trace, self.trace = self.trace, None
+        self.begin(tokens.shape[1])
+        end = self.buf.length + self._pending
+        mass = self.buf.mass[:, :, :, :end].clone()
+        self._ballots = {}
+        try:
+            model(tokens, self, last_only=True)
+            ballots = [self._ballots[layer] for layer in sorted(self._ballots)]
+        finally:
+            self.buf.mass[:, :, :, :end] = mass
+            self._pending, self._ballots, self.trace = 0, None, trace
+        self._consensus = consensus_blocks(ballots, count)
+
     def end(self) -> None:
         self.reading_question = False
+        self._consensus = None
         self.buf.length += self._pending
         self.n_tokens += self._pending
         self._pending = 0
@@ -480,6 +516,12 @@ class StreamingAttention:
             queries = search_vectors(q[0], self.cfg.n_kv_heads, self._strategy).numpy()
             scores, ids = self.memory.search(layer, queries, top_k)
         chosen = _merge_rows(scores, ids, top_k)
+        if self._ballots is not None:
+            self._ballots[layer] = chosen
+        if self._consensus is not None:
+            own = set(chosen.tolist())
+            extra = [b for b in self._consensus.tolist() if b not in own]
+            chosen = np.concatenate([chosen, np.array(extra, dtype=np.int64)])
         if chosen.size == 0:
             return None
         got = self._gather_blocks(layer, chosen, q.dtype)

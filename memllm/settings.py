@@ -60,6 +60,11 @@ class MemorySettings:
     # (docs/RESULTS.md, session 14)
     final_retrieval: str = "heads"
     final_top_k: int = 64
+    # the question's forward runs twice: the first pass only votes (each memory layer's ranked blocks give
+    # block b 1/(1+rank)), and in the second every memory layer also attends to the N most voted blocks.
+    # Layers that cannot tell the needle from filler (3-9 at 128K) then see the block the discriminating
+    # layers found: 4, 8 and 16 recalled the 128K passkey miss (docs/RESULTS.md, session 17). 0 = one pass
+    final_consensus: int = 8
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
     memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode

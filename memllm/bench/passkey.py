@@ -125,6 +125,7 @@ ANSWER_SETTINGS = frozenset(
     {
         "final_retrieval",
         "final_top_k",
+        "final_consensus",
         "top_k",
         "layer_top_k",
         "memory_bias",

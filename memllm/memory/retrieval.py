@@ -8,6 +8,9 @@ heads (times sqrt(D)).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 
 STRATEGIES = ("mean", "last", "mean+last", "heads")
@@ -129,3 +132,18 @@ def zscores(
     mu = (queries * mean[kv]).sum(-1, keepdim=True)  # (n, 1)
     var = torch.einsum("nd,nde,ne->n", queries, cov[kv], queries).clamp_min(1e-6).unsqueeze(-1)
     return (scores - mu) / var.sqrt()
+
+
+def consensus_blocks(ranked: Iterable[np.ndarray], count: int) -> np.ndarray:
+    """The ``count`` blocks several searches agree on (reciprocal-rank voting).
+
+    ranked: per search (e.g. per layer), distinct block ids best first; the block at rank r gets
+    1/(1+r) votes from that search. Returns up to ``count`` ids, most votes first (ties: the block
+    seen first). One search that ranks a block first outweighs many that rank it low.
+    """
+    votes: dict[int, float] = {}
+    for ids in ranked:
+        for rank, block in enumerate(np.asarray(ids).tolist()):
+            votes[block] = votes.get(block, 0.0) + 1.0 / (1 + rank)
+    best = sorted(votes, key=lambda b: -votes[b])[:count]  # sorted is stable: ties keep first appearance
+    return np.array(best, dtype=np.int64)

@@ -199,6 +199,7 @@ def packed_step(
         raise ValueError("an empty prompt chunk")
     for i, (state, _) in enumerate(prefill):
         try:
+            state.prepare_question(model, pieces[i].unsqueeze(0))
             state.begin(pieces[i].numel())
         except Exception as exc:
             if prefill_failures is None:

@@ -1,0 +1,99 @@
+"""``final_consensus``: the question's forward first votes (each memory layer's ranked blocks), then
+reads with the most voted blocks added to every memory layer's own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from serving_helpers import SMALL, prompt, tiny_engine
+
+from memllm.memory.retrieval import consensus_blocks
+
+# the question retrieves 3 of the prompt's ~10 blocks per layer, so layers disagree
+NARROW = dataclasses.replace(SMALL, final_top_k=3, final_consensus=0)
+
+
+def test_consensus_blocks_count_reciprocal_rank_votes():
+    # 5: 1 + 1/2; 1: 1/2 + 1 + 1; 2: 1/3
+    assert consensus_blocks([np.array([5, 1, 2]), np.array([1, 5]), np.array([1])], 2).tolist() == [1, 5]
+    # 6 (first twice: 2) beats 7 (first once, second once: 1.5) and 9 (third three times: 1)
+    assert consensus_blocks([np.array([7, 8, 9]), np.array([6, 8, 9]), np.array([6, 7, 9])], 2).tolist() == [6, 7]
+
+
+def test_consensus_blocks_ties_and_short_lists():
+    assert consensus_blocks([np.array([3]), np.array([4])], 2).tolist() == [3, 4]  # a tie: first seen first
+    assert consensus_blocks([np.array([2, 1])], 5).tolist() == [2, 1]  # fewer blocks than asked
+    assert consensus_blocks([], 3).tolist() == []
+
+
+def _memory_ids(state) -> dict[int, list[int]]:
+    """Each memory layer's blocks of the state's last forward."""
+    return {layer: got.ids.tolist() for layer, got in sorted(state._retrieved.items())}
+
+
+async def _read(engine, ids, reader: str):
+    from memllm.sampling import SamplingParams
+    from memllm.serving import GenerateJob, Scheduler
+
+    state = engine.new_state("memory", trace=True)
+    if reader == "engine":
+        engine.prefill(state, ids)
+        return state
+    sched = Scheduler(engine, prefill_budget=16)
+    try:
+        async for _ in sched.submit(GenerateJob(SamplingParams(max_tokens=0), frozenset(), ids), state, ids):
+            pass
+    finally:
+        await sched.close()
+    return state
+
+
+@pytest.mark.parametrize("reader", ["engine", "scheduler"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_every_layer_attends_to_the_blocks_the_layers_agree_on(tiny, reader, seed):
+    ids = prompt(seed, 100)
+    one_pass = await _read(tiny_engine(tiny, NARROW), ids, reader)
+    voted = await _read(tiny_engine(tiny, dataclasses.replace(NARROW, final_consensus=2)), ids, reader)
+    assert voted.n_tokens == one_pass.n_tokens == 100
+    ballots = _memory_ids(one_pass)  # the voting pass reads the question as a one-pass reader does
+    assert len(ballots) == tiny.config.n_layers and all(len(b) == 3 for b in ballots.values())
+    consensus = consensus_blocks([np.array(b) for b in ballots.values()], 2).tolist()
+    got = _memory_ids(voted)
+    for layer, blocks in got.items():
+        assert set(consensus) <= set(blocks), layer
+        assert len(blocks) == len(set(blocks)) <= 3 + 2
+    # the first layer reads what the voting pass read, so its own blocks are the one-pass reader's
+    first = min(got)
+    assert got[first] == ballots[first] + [b for b in consensus if b not in ballots[first]]
+    # the guard: somewhere a layer gained a block it did not find itself
+    assert any(len(blocks) > 3 for blocks in got.values())
+
+
+async def test_the_voting_pass_leaves_nothing_behind(tiny):
+    """When the consensus adds no block (every layer already retrieves all of them), the two-pass
+    question reads exactly as the one-pass one: same logits, buffers, key mass and trace."""
+    wide = dataclasses.replace(SMALL, final_top_k=64)
+    ids = prompt(3, 100)
+    results = []
+    for consensus in (0, 4):
+        engine = tiny_engine(tiny, dataclasses.replace(wide, final_consensus=consensus))
+        state = engine.new_state("memory", trace=True)
+        logits = engine.prefill(state, ids)
+        results.append((logits, state))
+    (l0, s0), (l1, s1) = results
+    assert s0.memory.num_blocks() > 4
+    assert torch.equal(l0, l1)
+    n = s0.buf.length
+    assert n == s1.buf.length
+    for name in ("raw", "rot", "val", "mass"):
+        assert torch.equal(getattr(s0.buf, name)[:, :, :, :n], getattr(s1.buf, name)[:, :, :, :n]), name
+    assert s0.trace.retrieved == s1.trace.retrieved
+    assert s0.trace.mass == s1.trace.mass
+
+
+def test_a_negative_final_consensus_is_refused(tiny):
+    with pytest.raises(ValueError, match="final_consensus"):
+        tiny_engine(tiny, dataclasses.replace(SMALL, final_consensus=-1)).new_state("memory")
