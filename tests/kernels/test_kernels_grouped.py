@@ -83,13 +83,15 @@ def test_few_query_scores_on_a_slice_of_a_key_buffer(dtype: torch.dtype) -> None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mask_kind", ["none", "per_key", "a_row_without_keys"])
+@pytest.mark.parametrize("mask_kind", ["none", "all_valid", "per_key", "a_row_without_keys"])
 @pytest.mark.parametrize("tq", [7, 1])  # 1: a decode step (the grouped matmuls in bfloat16)
 def test_keys_attention_matches_reference(dtype: torch.dtype, mask_kind: str, tq: int) -> None:
     g, q, k, v = _inputs(5, tq, 40, dtype)
     mask = None
     if mask_kind != "none":
         mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3  # (B, 1, 1, Tk)
+    if mask_kind == "all_valid":  # whole blocks only: the kernel runs without a mask
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
     if mask_kind == "a_row_without_keys":  # the grouped path's answer: zeros and lse -inf
         mask[1] = False
     got_out, got_lse = keys_attention_with_lse(q, k, v, mask, 0.2)
