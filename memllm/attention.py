@@ -246,6 +246,11 @@ class StreamingAttention:
         self._cos_sin_at: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_offsets: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @property
+    def question_top_k(self) -> tuple[int, ...]:
+        """Blocks per layer that the question's forward (``reading_question``) retrieves."""
+        return self._question_top_k
+
     # ----------------------------------------------------------------------------- forward protocol
     def forward(self, model: Transformer, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Read tokens (B, T) and return their logits (see Transformer.forward)."""

@@ -66,7 +66,9 @@ def needle_ranks(
     engine: Engine, length: int, depth: float, filler: str, key: int = 51234, trial: int = 0
 ) -> list[dict]:
     """One row per scoring: rank of the needle block at every layer, and the layers where it is
-    within that layer's top-k (``top_k``, or ``layer_top_k`` where set). ``trial``: the filler of
+    within the top-k that the question retrieves there (``final_top_k``; ``top_k``, or
+    ``layer_top_k`` where set, when that is 0). The ranks are those of the question's own queries
+    (its real read, after any ``final_consensus`` vote). ``trial``: the filler of
     that trial of ``memllm bench passkey`` (with its key, the same prompt)."""
     cfg = engine.model.config
     prompt = build_prompt(engine, length, depth, key, filler, offset=trial_offset(trial))
@@ -112,7 +114,7 @@ def needle_ranks(
             {
                 "scoring": scoring,
                 "blocks": n,
-                "layers_within_top_k": sum(r < k for r, k in zip(ranks, state.top_k, strict=True)),
+                "layers_within_top_k": sum(r < k for r, k in zip(ranks, state.question_top_k, strict=True)),
                 "ranks": " ".join(map(str, ranks)),
             }
         )
