@@ -32,3 +32,16 @@ def tiny_engine(tiny: LoadedModel, memory: MemorySettings = SMALL) -> Engine:
 
 def prompt(seed: int, n: int, vocab: int = 512) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def read_in_scheduler(engine: Engine, state, ids: list[int]) -> None:
+    """Read ``ids`` into ``state`` through the scheduler's packed forwards (16-token chunks), no reply."""
+    from memllm.sampling import SamplingParams
+    from memllm.serving import GenerateJob, Scheduler
+
+    sched = Scheduler(engine, prefill_budget=16)
+    try:
+        async for _ in sched.submit(GenerateJob(SamplingParams(max_tokens=0), frozenset(), ids), state, ids):
+            pass
+    finally:
+        await sched.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from serving_helpers import SMALL, prompt, tiny_engine
+from serving_helpers import SMALL, prompt, read_in_scheduler, tiny_engine
 
 
 @pytest.mark.parametrize(
@@ -64,18 +64,6 @@ def _searches(state, with_k: bool = False) -> list[tuple[int, ...]]:
     return seen
 
 
-async def _read_in_scheduler(engine, state, ids) -> None:
-    from memllm.sampling import SamplingParams
-    from memllm.serving import GenerateJob, Scheduler
-
-    sched = Scheduler(engine, prefill_budget=16)
-    try:
-        async for _ in sched.submit(GenerateJob(SamplingParams(max_tokens=0), frozenset(), ids), state, ids):
-            pass
-    finally:
-        await sched.close()
-
-
 @pytest.mark.parametrize("reader", ["engine", "scheduler"])
 async def test_the_question_searches_with_the_final_retrieval(tiny, reader):
     """With ``final_retrieval=heads``, the forward that reads the final tokens searches per head
@@ -87,7 +75,7 @@ async def test_the_question_searches_with_the_final_retrieval(tiny, reader):
     if reader == "engine":
         engine.prefill(state, ids)
     else:
-        await _read_in_scheduler(engine, state, ids)
+        await read_in_scheduler(engine, state, ids)
     assert state.n_tokens == 100
     heads_rows = tiny.config.n_heads * SMALL.final_chunk
     assert {rows for end, rows in seen if end == 100} == {heads_rows}
@@ -118,7 +106,7 @@ async def test_the_question_retrieves_final_top_k_blocks(tiny, reader):
     if reader == "engine":
         engine.prefill(state, ids)
     else:
-        await _read_in_scheduler(engine, state, ids)
+        await read_in_scheduler(engine, state, ids)
     searching_layers = tiny.config.n_layers - 1
     passes = 2 if mem.final_consensus else 1  # the voting pass searches as the read does
     assert [k for end, _, k in seen if end == 100] == [5] * searching_layers * passes

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from serving_helpers import SMALL, prompt, tiny_engine
+from serving_helpers import SMALL, prompt, read_in_scheduler, tiny_engine
 
 from memllm.memory.retrieval import consensus_blocks
 
@@ -35,19 +35,11 @@ def _memory_ids(state) -> dict[int, list[int]]:
 
 
 async def _read(engine, ids, reader: str):
-    from memllm.sampling import SamplingParams
-    from memllm.serving import GenerateJob, Scheduler
-
     state = engine.new_state("memory", trace=True)
     if reader == "engine":
         engine.prefill(state, ids)
-        return state
-    sched = Scheduler(engine, prefill_budget=16)
-    try:
-        async for _ in sched.submit(GenerateJob(SamplingParams(max_tokens=0), frozenset(), ids), state, ids):
-            pass
-    finally:
-        await sched.close()
+    else:
+        await read_in_scheduler(engine, state, ids)
     return state
 
 
