@@ -63,6 +63,12 @@ from memllm.settings import MemorySettings
 MODES = ("full", "window", "memory", "memorizing")
 MEMORY_POSITIONS = ("fixed", "ordered")
 
+# What a forward of several tokens is to memory search; the reader sets ``StreamingAttention.reading``
+# before it (``Engine.reading_part``), and ``end`` resets it to READ_LAST.
+READ_AHEAD = "ahead"  # a chunk of a prompt that goes on after it: at most ``reading_top_k`` blocks
+READ_QUESTION = "question"  # a long prompt's final tokens: ``final_retrieval``, ``final_top_k``, the vote
+READ_LAST = "last"  # a prompt's last (or only) forward, and every decode step: ``top_k`` blocks
+
 
 class ContextLengthError(ValueError):
     """The input does not fit the chosen attention mode (full attention past the trained length)."""
@@ -120,6 +126,8 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
     if mem.mode != "full" and mem.window % mem.block_size:
         raise ValueError(f"window ({mem.window}) must be a multiple of block_size ({mem.block_size})")
     parse_layer_top_k(mem.layer_top_k, mem.top_k, 1 << 16)
+    if mem.reading_top_k < 0:
+        raise ValueError(f"reading_top_k ({mem.reading_top_k}) must be >= 0 (0: chunks read ahead retrieve top_k)")
     if mem.final_consensus < 0:
         raise ValueError(f"final_consensus ({mem.final_consensus}) must be >= 0 (0: the question reads in one pass)")
 
@@ -214,8 +222,10 @@ class StreamingAttention:
         self.layout = block_layout(cfg, mem)
         self.memory_layers = frozenset(self.layout.layers) if self.mode == "memory" else frozenset()
         self.top_k = parse_layer_top_k(mem.layer_top_k, mem.top_k, cfg.n_layers)  # blocks per search, per layer
-        # the question's forward (``reading_question``) searches with its own strategy and top-k
+        # the question's forward (READ_QUESTION) searches with its own strategy and top-k; a chunk read
+        # ahead (READ_AHEAD) with at most ``reading_top_k``
         self._question_top_k = tuple(mem.final_top_k if mem.final_top_k > 0 and k > 0 else k for k in self.top_k)
+        self._reading_top_k = tuple(min(k, mem.reading_top_k) if mem.reading_top_k > 0 else k for k in self.top_k)
         self._top_k_now = self.top_k
         self.token_memory: TokenMemory | None = None
         if self.mode == "memorizing":
@@ -224,9 +234,8 @@ class StreamingAttention:
         self.memory = memory
         self.sink = sink
         self.retrieval = retrieval
-        # set by the reader before the forward that reads a long prompt's final tokens (the question,
-        # ``Engine.prefill_end``): that forward searches memory with ``mem.final_retrieval``
-        self.reading_question = False
+        # set by the reader before each forward of a prompt (READ_AHEAD, READ_QUESTION or READ_LAST)
+        self.reading = READ_LAST
         self._strategy = retrieval
         # the question's voting pass (``prepare_question``) fills ``_ballots`` (each memory layer's
         # ranked blocks); its second pass adds ``_consensus`` to every memory layer's blocks
@@ -248,7 +257,7 @@ class StreamingAttention:
 
     @property
     def question_top_k(self) -> tuple[int, ...]:
-        """Blocks per layer that the question's forward (``reading_question``) retrieves."""
+        """Blocks per layer that the question's forward (READ_QUESTION) retrieves."""
         return self._question_top_k
 
     # ----------------------------------------------------------------------------- forward protocol
@@ -273,9 +282,14 @@ class StreamingAttention:
         self._pending = n_new
         start = self.buf.length  # RoPE tables of the new slots, shared by every layer of this forward
         self._cos_sin = self.rope.cos_sin(torch.arange(start, start + n_new), self.dtype)
-        asking = self.reading_question and n_new > 1
+        asking = self.reading == READ_QUESTION and n_new > 1
         self._strategy = (self.mem.final_retrieval or self.retrieval) if asking else self.retrieval
-        self._top_k_now = self._question_top_k if asking else self.top_k
+        if asking:
+            self._top_k_now = self._question_top_k
+        elif self.reading == READ_AHEAD and n_new > 1:
+            self._top_k_now = self._reading_top_k
+        else:
+            self._top_k_now = self.top_k
         if n_new > 1:
             self._search_now, self._decode_steps = True, 0
         else:
@@ -286,7 +300,7 @@ class StreamingAttention:
 
     @torch.inference_mode()
     def prepare_question(self, model: Transformer, tokens: torch.Tensor) -> None:
-        """Before the question's forward (``reading_question``, ``final_consensus`` > 0, memory mode):
+        """Before the question's forward (READ_QUESTION, ``final_consensus`` > 0, memory mode):
         read the question once without committing it, and keep the ``final_consensus`` blocks its
         memory layers' searches agree on (``consensus_blocks``) for the real forward, where every
         memory layer attends to them besides its own. A no-op otherwise. Nothing of the voting pass
@@ -294,7 +308,7 @@ class StreamingAttention:
         """
         self._consensus = None
         count = self.mem.final_consensus
-        if not (self.reading_question and count > 0 and tokens.shape[1] > 1 and self.memory_layers):
+        if not (self.reading == READ_QUESTION and count > 0 and tokens.shape[1] > 1 and self.memory_layers):
             return
         if self.memory is None or self.memory.num_blocks() == 0:
             return
@@ -312,7 +326,7 @@ class StreamingAttention:
         self._consensus = consensus_blocks(ballots, count)
 
     def end(self) -> None:
-        self.reading_question = False
+        self.reading = READ_LAST
         self._consensus = None
         self.buf.length += self._pending
         self.n_tokens += self._pending

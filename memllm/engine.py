@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from memllm.attention import StreamingAttention
+from memllm.attention import READ_AHEAD, READ_LAST, READ_QUESTION, StreamingAttention
 from memllm.loading import LoadedModel
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView, WritableMemorySource
 from memllm.sampling import SamplingParams
@@ -95,7 +95,7 @@ class Engine:
         start = 0
         while start < len(ids):
             end = self.prefill_end(state, start, len(ids))
-            state.reading_question = self.is_question(state, start, len(ids))
+            state.reading = self.reading_part(state, start, end, len(ids))
             piece = torch.tensor([list(ids[start:end])], dtype=torch.long)
             yield piece.shape[1], state.forward(self.model, piece, last_only=True)[0, -1]
             start = end
@@ -121,9 +121,17 @@ class Engine:
         return question if question is not None and read < question < end else end
 
     @classmethod
+    def reading_part(cls, state: StreamingAttention, read: int, end: int, total: int) -> str:
+        """What the forward reading tokens [read, end) of a ``total``-token prompt is to memory search
+        (the reader sets it as ``state.reading``): the final tokens that ``prefill_end`` split off
+        (READ_QUESTION), a chunk that more of the prompt follows (READ_AHEAD), or the prompt's last."""
+        if cls.is_question(state, read, total):
+            return READ_QUESTION
+        return READ_AHEAD if end < total else READ_LAST
+
+    @classmethod
     def is_question(cls, state: StreamingAttention, read: int, total: int) -> bool:
-        """Whether the forward from ``read`` on reads the final tokens that ``prefill_end`` split off
-        (it searches memory with ``final_retrieval``; the reader sets ``state.reading_question``)."""
+        """Whether the forward from ``read`` on reads the final tokens that ``prefill_end`` split off."""
         return read == cls._question_start(state, total)
 
     @classmethod
@@ -143,6 +151,7 @@ class Engine:
         chunk = state.mem.chunk
         for start in range(0, len(ids), chunk):
             piece = torch.tensor([list(ids[start : start + chunk])], dtype=torch.long)
+            state.reading = READ_AHEAD if start + chunk < len(ids) else READ_LAST
             out.append(state.forward(self.model, piece)[0])
             if progress is not None:
                 progress(piece.shape[1])

@@ -35,6 +35,9 @@ class MemorySettings:
     mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
     top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
     layer_top_k: str = ""  # per-layer overrides of top_k, "LAYERS:K,...", e.g. "11-29:8" (docs/RESULTS.md)
+    # at most this many blocks per layer for a chunk of a prompt that goes on after it (reading a long
+    # input; InfLLM's 16): the prompt's last forward, chat turns and decoding keep top_k. 0 = top_k
+    reading_top_k: int = 16
     # blocks retrieved per layer while a knowledge-base document is read for ingestion: 0 = a window read
     # (its blocks attend to the window and sinks only; docs/RESULTS.md: ~2x faster, same answers), -1 = the
     # reading settings above (top_k, layer_top_k)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memllm.attention import check_memory_settings
+from memllm.attention import READ_QUESTION, check_memory_settings
 from memllm.bench.common import essays_text, format_table, machine_info, write_json
 from memllm.engine import Engine
 from memllm.sampling import SamplingParams
@@ -184,7 +184,7 @@ def run_answer_variants(
             engine, state, sink=InMemorySource(state.layout, name="answer"), extra_sources=[state.memory], **change
         )
         with torch.inference_mode():
-            copy.reading_question = True
+            copy.reading = READ_QUESTION
             logits = copy.forward(engine.model, question, last_only=True)[0, -1]
         tokens = list(engine.generate(copy, prompt.ids, SamplingParams(max_tokens=max_tokens), logits=logits))
         results.append({"variant": variant, **_scored(engine, prompt, tokens, shared + time.perf_counter() - t1)})

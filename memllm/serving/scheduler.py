@@ -473,8 +473,9 @@ class Scheduler:
         for e in self._prefilling:
             if budget <= 0:
                 break
-            ids = e.prompt[e.read : self.engine.prefill_end(e.state, e.read, len(e.prompt))]
-            e.state.reading_question = self.engine.is_question(e.state, e.read, len(e.prompt))
+            end = self.engine.prefill_end(e.state, e.read, len(e.prompt))
+            ids = e.prompt[e.read : end]
+            e.state.reading = self.engine.reading_part(e.state, e.read, end, len(e.prompt))
             chunks.append((e, ids))
             budget -= len(ids)
         return chunks

@@ -113,6 +113,42 @@ async def test_the_question_retrieves_final_top_k_blocks(tiny, reader):
     assert {k for end, _, k in seen if end < 100} == {SMALL.top_k}
 
 
+@pytest.mark.parametrize("reader", ["engine", "scheduler"])
+@pytest.mark.parametrize(("reading_top_k", "ahead_k"), [(2, 2), (10, SMALL.top_k), (0, SMALL.top_k)])
+async def test_chunks_read_ahead_retrieve_reading_top_k(tiny, reader, reading_top_k, ahead_k):
+    """A chunk that more of the prompt follows retrieves at most ``reading_top_k`` blocks per layer
+    (0: top_k); the question keeps ``final_top_k``, and a short prompt (a chat turn) ``top_k``."""
+    mem = dataclasses.replace(SMALL, reading_top_k=reading_top_k, final_top_k=5, layer_top_k="0:0")
+    engine = tiny_engine(tiny, mem)
+    state = engine.new_state("memory")
+    seen = _searches(state, with_k=True)
+    for ids in (prompt(4, 100), prompt(5, 10)):
+        if reader == "engine":
+            engine.prefill(state, ids)
+        else:
+            await read_in_scheduler(engine, state, ids)
+    assert state.n_tokens == 110
+    searching_layers = tiny.config.n_layers - 1  # layer 0 retrieves nothing (its top-k is 0)
+    assert {k for end, _, k in seen if end < 100} == {ahead_k}
+    assert len([end for end, _, _ in seen if end == 84]) == searching_layers  # the chunk before the question
+    assert {k for end, _, k in seen if end == 100} == {5}
+    assert [k for end, _, k in seen if end == 110] == [SMALL.top_k] * searching_layers
+
+
+def test_perplexity_reads_every_chunk_but_the_last_ahead(tiny):
+    engine = tiny_engine(tiny, dataclasses.replace(SMALL, reading_top_k=2))
+    state = engine.new_state("memory")
+    seen = _searches(state, with_k=True)
+    engine.logits_of(state, prompt(3, 100))
+    assert {k for end, _, k in seen if end < 100} == {2}
+    assert {k for end, _, k in seen if end == 100} == {SMALL.top_k}
+
+
+def test_a_negative_reading_top_k_is_refused(tiny):
+    with pytest.raises(ValueError, match="reading_top_k"):
+        tiny_engine(tiny, dataclasses.replace(SMALL, reading_top_k=-1)).new_state("memory")
+
+
 def test_final_top_k_0_is_top_k(tiny):
     engine = tiny_engine(tiny, dataclasses.replace(SMALL, final_top_k=0))
     state = engine.new_state("memory")
