@@ -145,10 +145,12 @@ def parse_memory_changes(spec: str) -> dict[str, object]:
 
 def memory_overrides(**given: object) -> dict[str, object]:
     """The ``MemorySettings`` changes among ``given`` (None = not given). A ``top_k`` given for one
-    request or command applies to every layer: it replaces the per-layer ``layer_top_k``."""
+    request or command applies to every layer and to every chunk: it replaces the per-layer
+    ``layer_top_k`` and the reading cap ``reading_top_k``."""
     out = {k: v for k, v in given.items() if v is not None}
     if "top_k" in out:
         out.setdefault("layer_top_k", "")
+        out.setdefault("reading_top_k", 0)
     return out
 
 

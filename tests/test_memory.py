@@ -235,8 +235,9 @@ def test_layer_top_k_sets_blocks_retrieved_per_layer(tiny):
     for bad in ("1-2", "1:x", f"{n_layers}:4"):
         with pytest.raises(ValueError):
             parse_layer_top_k(bad, 32, n_layers)
-    # a top_k given for a request or command applies to every layer
-    assert memory_overrides(top_k=16, window=None) == {"top_k": 16, "layer_top_k": ""}
+    # a top_k given for a request or command applies to every layer and every chunk
+    assert memory_overrides(top_k=16, window=None) == {"top_k": 16, "layer_top_k": "", "reading_top_k": 0}
+    assert memory_overrides(top_k=64, reading_top_k=8)["reading_top_k"] == 8
     assert memory_overrides(window=512) == {"window": 512}
     mem = dataclasses.replace(SMALL, top_k=4, layer_top_k=f"1:1,{n_layers - 1}:0")
     state = _state(tiny, mem)

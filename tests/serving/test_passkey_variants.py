@@ -96,6 +96,7 @@ def test_a_variant_reads_its_values_as_the_environment_would():
         "top_k": 64,
         "final_retrieval": "heads",
         "layer_top_k": "",
+        "reading_top_k": 0,
     }
     assert parse_variant("memory_bias=-1") == {"memory_bias": -1.0}
 
