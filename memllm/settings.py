@@ -33,14 +33,16 @@ class MemorySettings:
     # which tokens' keys represent a block: mass (InfLLM), distinct, mass+distinct (memllm/memory/retrieval.py)
     representative_choice: str = "mass"
     mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
-    top_k: int = 32  # blocks retrieved per search (16 missed the needle at 16K: docs/RESULTS.md)
+    # blocks retrieved per search (a prompt's last forward, chat turns, decoding; chunks read ahead are capped
+    # by reading_top_k). Before the question read on its own, 16 missed the needle at 16K: docs/RESULTS.md
+    top_k: int = 32
     layer_top_k: str = ""  # per-layer overrides of top_k, "LAYERS:K,...", e.g. "11-29:8" (docs/RESULTS.md)
     # at most this many blocks per layer for a chunk of a prompt that goes on after it (reading a long
     # input; InfLLM's 16): the prompt's last forward, chat turns and decoding keep top_k. 0 = top_k
     reading_top_k: int = 16
     # blocks retrieved per layer while a knowledge-base document is read for ingestion: 0 = a window read
     # (its blocks attend to the window and sinks only; docs/RESULTS.md: ~2x faster, same answers), -1 = the
-    # reading settings above (top_k, layer_top_k)
+    # reading settings above (top_k, layer_top_k, reading_top_k)
     ingest_top_k: int = 0
     layers: str = "all"  # layers that use memory: "all" or a comma list / ranges "0-29"
     memory_distance: int = 4096  # every memory key is seen at this relative distance (docs/RESULTS.md)
