@@ -241,13 +241,44 @@ def bench_ppl(text_path, tokens, modes, no_hf, out, **memory) -> None:
     show_default=True,
     help="the filler of this trial of `bench passkey` (with --key, that trial's prompt)",
 )
+@click.option(
+    "--heads",
+    default="",
+    help="LAYER:HEAD,... (e.g. from `bench retrieval-heads`): add the needle's rank in the one ranking "
+    "these heads' summed every-token scores give",
+)
 @friendly_errors
-def bench_needle_rank(length: str, depth: float, filler: str, key: int, trial: int) -> None:
+def bench_needle_rank(length: str, depth: float, filler: str, key: int, trial: int, heads: str) -> None:
     """Rank of the passkey's block at every layer under each retrieval scoring (offline, no generation)."""
     from memllm.bench.common import parse_sizes
     from memllm.bench.needle_rank import needle_ranks, print_rows
+    from memllm.bench.retrieval_heads import parse_heads
 
-    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler, key, trial))
+    chosen = parse_heads(heads) if heads else None
+    print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler, key, trial, heads=chosen))
+
+
+@bench.command("retrieval-heads")
+@click.option("--length", default="2k", show_default=True, help="prompt length (inside the trained range)")
+@click.option("--filler", type=click.Choice(["grass", "essays"]), default="essays", show_default=True)
+@click.option("--trials", type=click.IntRange(min=1), default=2, show_default=True, help="prompts per depth")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="heads listed")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON: every head's mean needle share")
+@friendly_errors
+def bench_retrieval_heads(length: str, filler: str, trials: int, top: int, out: Path | None) -> None:
+    """The attention heads that look at the passkey when the model answers (full attention, short prompts)."""
+    from memllm.bench.common import format_table, machine_info, parse_sizes, write_json
+    from memllm.bench.retrieval_heads import calibrate, format_heads, top_heads
+
+    size = parse_sizes(length)[0]
+    mass = calibrate(_engine(), size, filler, trials)
+    rows = top_heads(mass, top)
+    click.echo("\n" + format_table(rows))
+    click.echo("heads: " + format_heads([(r["layer"], r["head"]) for r in rows]))
+    if out is not None:
+        result = {"bench": "retrieval-heads", "length": size, "filler": filler, "trials": trials}
+        write_json(out, {**result, "machine": machine_info(), "top": rows, "needle_mass": mass.tolist()})
+        click.echo(f"wrote {out}")
 
 
 @bench.command("patterns")

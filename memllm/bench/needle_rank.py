@@ -6,7 +6,8 @@ layer under each scoring (``mean``, ``last``, ``heads``): the offline check of r
 explains an end-to-end pass or failure without generating anything. A last row, ``heads, every
 token``, ranks the blocks as ``heads`` would if every token of every block were a representative
 (searched exactly over the stored keys): where it finds the needle and ``heads`` does not, the
-block's representatives, not the question, are what missed it.
+block's representatives, not the question, are what missed it. With ``--heads``, one more row: the
+needle's rank in a single ranking for every layer, summed from a few retrieval heads' exact scores.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from memllm.memory.retrieval import key_statistics, per_head_rows, search_vector
 
 SCORINGS = ("mean", "last", "heads")
 EVERY_TOKEN = "heads, every token"
+SHARED = "retrieval heads, shared"
 
 
 def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
@@ -37,40 +39,63 @@ def _rank(best: dict[int, float], needle: set[int]) -> int:
     return min(order.index(b) for b in needle)
 
 
-def _every_token_scores(
+def _every_token_head_scores(
     keys: torch.Tensor,
     lengths: torch.Tensor,
     vectors: torch.Tensor,
     kv: torch.Tensor,
     mean: torch.Tensor,
     cov: torch.Tensor,
-) -> dict[int, float]:
-    """Per block, the best z-scored per-head logit over every token (not only its representatives).
+) -> torch.Tensor:
+    """(rows, n_blocks): each row's best z-scored logit over every token of each block (an exact
+    search over the stored keys, not only the representatives).
 
     keys (n_blocks, Hkv, bs, D) float32 pre-RoPE; lengths (n_blocks,); vectors (rows, D) the asking
     queries and kv (rows,) their kv heads (:func:`per_head_rows`); mean, cov as :func:`key_statistics`.
     """
     n, hkv, bs, d = keys.shape
     invalid = torch.arange(bs)[None, :] >= lengths[:, None]  # (n, bs)
-    best = torch.full((n,), float("-inf"))
+    best = torch.full((len(vectors), n), float("-inf"))
     for g in range(hkv):
-        rows = vectors[kv == g]  # (r, D)
+        sel = kv == g
+        rows = vectors[sel]  # (r, D)
         logits = rows @ keys[:, g].reshape(n * bs, d).T  # (r, n*bs)
-        z = zscores(logits, rows, kv[kv == g], mean, cov).view(-1, n, bs).masked_fill(invalid, float("-inf"))
-        best = torch.maximum(best, z.amax(dim=(0, 2)))
-    return dict(enumerate(best.tolist()))
+        z = zscores(logits, rows, kv[sel], mean, cov).view(-1, n, bs).masked_fill(invalid, float("-inf"))
+        best[sel] = z.amax(dim=2)
+    return best
+
+
+def _shared_rank(
+    layer_scores: dict[int, torch.Tensor], heads: list[tuple[int, int]], n_t: int, needle: set[int]
+) -> int:
+    """The needle's rank when every block scores the sum, over the (layer, query head) pairs, of
+    that head's best z-scored logit over the asking tokens (rows ``head * n_t`` on, as
+    :func:`per_head_rows` orders them) and every token of the block: one ranking for every layer."""
+    total = sum(layer_scores[layer][head * n_t : (head + 1) * n_t].amax(dim=0) for layer, head in heads)
+    return _rank(dict(enumerate(total.tolist())), needle)
 
 
 @torch.inference_mode()
 def needle_ranks(
-    engine: Engine, length: int, depth: float, filler: str, key: int = 51234, trial: int = 0
+    engine: Engine,
+    length: int,
+    depth: float,
+    filler: str,
+    key: int = 51234,
+    trial: int = 0,
+    heads: list[tuple[int, int]] | None = None,
 ) -> list[dict]:
     """One row per scoring: rank of the needle block at every layer, and the layers where it is
     within the top-k that the question retrieves there (``final_top_k``; ``top_k``, or
     ``layer_top_k`` where set, when that is 0). The ranks are those of the question's own queries
     (its real read, after any ``final_consensus`` vote). ``trial``: the filler of
-    that trial of ``memllm bench passkey`` (with its key, the same prompt)."""
+    that trial of ``memllm bench passkey`` (with its key, the same prompt). ``heads``: (layer, query
+    head) pairs (``memllm bench retrieval-heads``); a last row, ``SHARED``, gives the needle's rank
+    in the one ranking their summed every-token scores make (:func:`_shared_rank`)."""
     cfg = engine.model.config
+    for layer, head in heads or ():
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ValueError(f"head {layer}:{head} is outside the model ({cfg.n_layers} layers, {cfg.n_heads} heads)")
     prompt = build_prompt(engine, length, depth, key, filler, offset=trial_offset(trial))
     last_qkv: dict[int, torch.Tensor] = {}
     hooks = [
@@ -89,6 +114,7 @@ def needle_ranks(
     needle = {i for i, (s, e) in enumerate(spans.tolist()) if s < prompt.needle_span[1] and e > prompt.needle_span[0]}
     if not needle:
         raise ValueError("the needle is still in the local window: use a longer prompt or a smaller depth")
+    every_token: dict[int, torch.Tensor] = {}  # layer -> (rows, n) of the exact search
     rows = []
     for scoring in (*SCORINGS, EVERY_TOKEN):
         ranks = []
@@ -105,7 +131,10 @@ def needle_ranks(
             elif scoring == EVERY_TOKEN:
                 blocks = source.fetch(layer, np.arange(n))
                 keys = torch.from_numpy(blocks.keys).float()
-                best = _every_token_scores(keys, torch.from_numpy(blocks.lengths), vectors, kv, mean, cov)
+                every_token[layer] = _every_token_head_scores(
+                    keys, torch.from_numpy(blocks.lengths), vectors, kv, mean, cov
+                )
+                best = dict(enumerate(every_token[layer].amax(dim=0).tolist()))
             else:
                 scores, ids = source.search(layer, search_vectors(q, cfg.n_kv_heads, scoring).numpy(), n)
                 best = _best_per_block(scores, ids)
@@ -118,6 +147,10 @@ def needle_ranks(
                 "ranks": " ".join(map(str, ranks)),
             }
         )
+    if heads:
+        n_t = min(state.mem.asking_tokens, last_qkv[0].shape[1])
+        shared = _shared_rank(every_token, heads, n_t, needle)
+        rows.append({"scoring": SHARED, "blocks": n, "layers_within_top_k": "-", "ranks": str(shared)})
     return rows
 
 
