@@ -12,6 +12,9 @@ needle's rank in a single ranking for every layer, summed from a few retrieval h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -23,6 +26,22 @@ from memllm.memory.retrieval import key_statistics, per_head_rows, search_vector
 SCORINGS = ("mean", "last", "heads")
 EVERY_TOKEN = "heads, every token"
 SHARED = "retrieval heads, shared"
+
+
+@contextmanager
+def last_qkv_outputs(engine: Engine) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, layer -> the fused QKV projection's output (B, T, (Hq + 2 Hkv) * D), pre-RoPE, of
+    that layer's latest forward (forward hooks, removed on exit)."""
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.attention.wqkv.register_forward_hook(lambda m, i, o, idx=idx: outputs.__setitem__(idx, o.detach()))
+        for idx, layer in enumerate(engine.model.layers)
+    ]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _best_per_block(scores: np.ndarray, ids: np.ndarray) -> dict[int, float]:
@@ -97,17 +116,9 @@ def needle_ranks(
         if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
             raise ValueError(f"head {layer}:{head} is outside the model ({cfg.n_layers} layers, {cfg.n_heads} heads)")
     prompt = build_prompt(engine, length, depth, key, filler, offset=trial_offset(trial))
-    last_qkv: dict[int, torch.Tensor] = {}
-    hooks = [
-        layer.attention.wqkv.register_forward_hook(lambda m, i, o, idx=idx: last_qkv.__setitem__(idx, o.detach()))
-        for idx, layer in enumerate(engine.model.layers)
-    ]
-    try:
+    with last_qkv_outputs(engine) as last_qkv:
         state = engine.new_state("memory")
         engine.prefill(state, prompt.ids)
-    finally:
-        for h in hooks:
-            h.remove()
     source = state.sink
     n = source.num_blocks()
     spans = source.spans(np.arange(n))

@@ -15,6 +15,7 @@ import random
 import torch
 from tqdm import tqdm
 
+from memllm.bench.needle_rank import last_qkv_outputs
 from memllm.bench.passkey import QUESTION, PasskeyPrompt, build_prompt, trial_offset
 from memllm.engine import Engine
 
@@ -53,17 +54,9 @@ def needle_attention(engine: Engine, prompt: PasskeyPrompt) -> torch.Tensor:
     cfg = engine.model.config
     hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     n_question = len(engine.encode(QUESTION))
-    qkv: dict[int, torch.Tensor] = {}
-    hooks = [
-        layer.attention.wqkv.register_forward_hook(lambda m, i, o, idx=idx: qkv.__setitem__(idx, o.detach()))
-        for idx, layer in enumerate(engine.model.layers)
-    ]
-    try:
+    with last_qkv_outputs(engine) as qkv:
         state = engine.new_state("full")
         state.forward(engine.model, torch.tensor([prompt.ids]), last_only=True)
-    finally:
-        for h in hooks:
-            h.remove()
     total = len(prompt.ids)
     positions = torch.arange(total)
     causal = positions[None, :] > positions[-n_question:, None]  # (n_question, total)
