@@ -47,10 +47,13 @@ from memllm.memory.retrieval import (
     STRATEGIES,
     choose_representatives,
     consensus_blocks,
+    every_token_scores,
     group_sum_queries,
     key_statistics,
+    parse_heads,
     per_head_rows,
     search_vectors,
+    sum_head_scores,
     zscores,
 )
 from memllm.memory.source import MemorySource, WritableMemorySource, stable_ids
@@ -61,6 +64,7 @@ from memllm.rope import Rope
 from memllm.settings import MemorySettings
 
 MODES = ("full", "window", "memory", "memorizing")
+AUTO_HEADS = "auto"  # ``question_heads``: the loaded model's calibrated heads (``Engine.new_state``)
 MEMORY_POSITIONS = ("fixed", "ordered")
 
 # What a forward of several tokens is to memory search; the reader sets ``StreamingAttention.reading``
@@ -130,6 +134,8 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
         raise ValueError(f"reading_top_k ({mem.reading_top_k}) must be >= 0 (0: chunks read ahead retrieve top_k)")
     if mem.final_consensus < 0:
         raise ValueError(f"final_consensus ({mem.final_consensus}) must be >= 0 (0: the question reads in one pass)")
+    if mem.question_heads and mem.question_heads != AUTO_HEADS:
+        parse_heads(mem.question_heads)
 
 
 class KVBuffer:
@@ -241,6 +247,9 @@ class StreamingAttention:
         # ranked blocks); its second pass adds ``_consensus`` to every memory layer's blocks
         self._ballots: dict[int, np.ndarray] | None = None
         self._consensus: np.ndarray | None = None
+        # ``question_heads`` by layer; the voting pass keeps their layers' asking queries in ``_asked``
+        self._question_heads = _heads_by_layer(mem.question_heads, cfg, self.memory_layers)
+        self._asked: dict[int, _Asked] = {}
         self.trace = MemoryTrace() if trace else None
         self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
@@ -316,14 +325,40 @@ class StreamingAttention:
         self.begin(tokens.shape[1])
         end = self.buf.length + self._pending
         mass = self.buf.mass[:, :, :, :end].clone()
-        self._ballots = {}
+        self._ballots, self._asked = {}, {}
         try:
             model(tokens, self, last_only=True)
             ballots = [self._ballots[layer] for layer in sorted(self._ballots)]
+            if self._asked:
+                self._consensus = self._heads_vote(ballots, count)
+            else:
+                self._consensus = consensus_blocks(ballots, count)
         finally:
             self.buf.mass[:, :, :, :end] = mass
-            self._pending, self._ballots, self.trace = 0, None, trace
-        self._consensus = consensus_blocks(ballots, count)
+            self._pending, self._ballots, self._asked, self.trace = 0, None, {}, trace
+
+    def _heads_vote(self, ballots: list[np.ndarray], count: int) -> np.ndarray:
+        """The ``count`` blocks the retrieval heads (``question_heads``) score highest among the
+        blocks of any ballot: per head, the best z-scored logit over the question's asking tokens
+        and every stored token of the block (the representatives alone lose a needle in natural
+        text: docs/RESULTS.md, session 19), summed over the heads. Ties keep the lower id."""
+        candidates = np.unique(np.concatenate(ballots)) if ballots else np.zeros(0, np.int64)
+        if candidates.size == 0:
+            return candidates
+        rows: dict[int, torch.Tensor] = {}
+        heads: list[tuple[int, int]] = []
+        n_t = 0
+        for layer, asked in self._asked.items():
+            n_t = asked.n_t
+            chosen = self._question_heads[layer]  # their rows only: head h's n_t tokens are rows h*n_t on
+            at = torch.cat([torch.arange(h * n_t, (h + 1) * n_t) for h in chosen])
+            blocks = self.memory.fetch(layer, candidates)
+            keys, lengths = torch.from_numpy(blocks.keys).float(), torch.from_numpy(blocks.lengths)
+            rows[layer] = every_token_scores(keys, lengths, asked.vectors[at], asked.kv[at], asked.mean, asked.cov)
+            heads += [(layer, i) for i in range(len(chosen))]
+        total = sum_head_scores(rows, heads, n_t)
+        order = torch.sort(total, descending=True, stable=True).indices[:count]
+        return candidates[order.numpy()]
 
     def end(self) -> None:
         self.reading = READ_LAST
@@ -507,19 +542,23 @@ class StreamingAttention:
         _, hkv, length, d = keys.shape
         return Rope.rotate(keys.view(1, hkv * (length // block_size), block_size, d), cos, sin).view(keys.shape)
 
-    def _search_per_head(self, layer: int, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Per (asking token, query head) searches, z-scored against the local keys' statistics.
-
-        q: (Hq, T, D) pre-RoPE. Scores are unrotated logits; z-scoring (see retrieval.zscores) makes
-        rows comparable so the best block of any head/token can win (docs/retrieval-study.md).
-        """
+    def _asking(self, layer: int, q: torch.Tensor) -> _Asked:
+        """The per-head asking queries of ``q`` (Hq, T, D) pre-RoPE, with the statistics of this
+        layer's local keys that z-score their logits (see retrieval.zscores)."""
         rows, kv, vectors = per_head_rows(q, self.cfg.n_kv_heads, self.mem.asking_tokens)
-        scores, ids = self.memory.search(layer, rows.numpy(), self._top_k_now[layer])
         # (Hkv, n, D) sinks + local + the tokens read now, a sample of keys; without the tokens read
         # now, a fresh state's first chunk (a knowledge-base question) had none: NaN scores, nothing retrieved
-        keys = self.buf.raw[layer, 0, :, : self.buf.length + self._pending]
-        mean, cov = key_statistics(keys)
-        z = zscores(torch.from_numpy(scores), vectors, kv, mean, cov)
+        mean, cov = key_statistics(self.buf.raw[layer, 0, :, : self.buf.length + self._pending])
+        return _Asked(rows, kv, vectors, mean, cov, len(vectors) // q.shape[0])
+
+    def _search_per_head(self, asked: _Asked, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per (asking token, query head) searches, z-scored against the local keys' statistics.
+
+        Scores are unrotated logits; z-scoring makes rows comparable so the best block of any
+        head/token can win (docs/retrieval-study.md).
+        """
+        scores, ids = self.memory.search(layer, asked.rows.numpy(), self._top_k_now[layer])
+        z = zscores(torch.from_numpy(scores), asked.vectors, asked.kv, asked.mean, asked.cov)
         return z.numpy(), ids
 
     def _retrieve(self, layer: int, q: torch.Tensor) -> _Retrieved | None:
@@ -529,8 +568,12 @@ class StreamingAttention:
             return None
         if not self._search_now and layer in self._retrieved:
             return self._retrieved[layer]
+        voting_heads = self._ballots is not None and layer in self._question_heads
+        asked = self._asking(layer, q[0]) if self._strategy == "heads" or voting_heads else None
+        if voting_heads:
+            self._asked[layer] = asked
         if self._strategy == "heads":
-            scores, ids = self._search_per_head(layer, q[0])
+            scores, ids = self._search_per_head(asked, layer)
         else:
             queries = search_vectors(q[0], self.cfg.n_kv_heads, self._strategy).numpy()
             scores, ids = self.memory.search(layer, queries, top_k)
@@ -586,6 +629,38 @@ class StreamingAttention:
             keys = self._order_block_keys(keys, bs)
         valid = torch.arange(bs).unsqueeze(0) < torch.from_numpy(fetched.lengths).unsqueeze(1)  # (n, bs)
         return _Retrieved(block_ids, keys, values, valid.reshape(1, 1, 1, n * bs), bs)
+
+
+@dataclass
+class _Asked:
+    """A layer's per-head asking queries (``per_head_rows``) and its local keys' statistics
+    (``key_statistics``): rows (n, Hkv*D), kv (n,), vectors (n, D), mean (Hkv, D), cov (Hkv, D, D);
+    n = Hq * n_t, head h's ``n_t`` asking tokens at rows h * n_t on."""
+
+    rows: torch.Tensor
+    kv: torch.Tensor
+    vectors: torch.Tensor
+    mean: torch.Tensor
+    cov: torch.Tensor
+    n_t: int
+
+
+def _heads_by_layer(spec: str, cfg: ModelConfig, memory_layers: frozenset[int]) -> dict[int, tuple[int, ...]]:
+    """``question_heads`` ("18:7,20:6") as {layer: query heads}; every head must be in a memory layer
+    (none outside memory mode, where ``memory_layers`` is empty). ``auto`` is resolved by
+    ``Engine.new_state`` (it knows the model); a state built without an engine reads it as the rank vote."""
+    if not memory_layers or spec == AUTO_HEADS:
+        return {}
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in parse_heads(spec) if spec else ():
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ValueError(
+                f"question head {layer}:{head} is outside the model ({cfg.n_layers} layers, {cfg.n_heads} heads)"
+            )
+        if layer not in memory_layers:
+            raise ValueError(f"question head {layer}:{head}: layer {layer} does not use memory")
+        by_layer[layer].append(head)
+    return {layer: tuple(heads) for layer, heads in by_layer.items()}
 
 
 def _blocks_as_keys(payload: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

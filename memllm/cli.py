@@ -252,7 +252,7 @@ def bench_needle_rank(length: str, depth: float, filler: str, key: int, trial: i
     """Rank of the passkey's block at every layer under each retrieval scoring (offline, no generation)."""
     from memllm.bench.common import parse_sizes
     from memllm.bench.needle_rank import needle_ranks, print_rows
-    from memllm.bench.retrieval_heads import parse_heads
+    from memllm.memory.retrieval import parse_heads
 
     chosen = parse_heads(heads) if heads else None
     print_rows(needle_ranks(_engine(), parse_sizes(length)[0], depth, filler, key, trial, heads=chosen))
@@ -268,7 +268,8 @@ def bench_needle_rank(length: str, depth: float, filler: str, key: int, trial: i
 def bench_retrieval_heads(length: str, filler: str, trials: int, top: int, out: Path | None) -> None:
     """The attention heads that look at the passkey when the model answers (full attention, short prompts)."""
     from memllm.bench.common import format_table, machine_info, parse_sizes, write_json
-    from memllm.bench.retrieval_heads import calibrate, format_heads, top_heads
+    from memllm.bench.retrieval_heads import calibrate, top_heads
+    from memllm.memory.retrieval import format_heads
 
     size = parse_sizes(length)[0]
     mass = calibrate(_engine(), size, filler, trials)

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from memllm.attention import READ_AHEAD, READ_LAST, READ_QUESTION, StreamingAttention
-from memllm.loading import LoadedModel
+from memllm.attention import AUTO_HEADS, READ_AHEAD, READ_LAST, READ_QUESTION, StreamingAttention
+from memllm.loading import RETRIEVAL_HEADS, LoadedModel
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView, WritableMemorySource
 from memllm.sampling import SamplingParams
 from memllm.serving.jobs import GenerateJob, Token, run_job
@@ -55,6 +55,8 @@ class Engine:
         mem = dataclasses.replace(self.memory_settings, **overrides)
         if mode is not None:
             mem = dataclasses.replace(mem, mode=mode)
+        if mem.question_heads == AUTO_HEADS:  # this model's calibrated heads, or the rank vote
+            mem = dataclasses.replace(mem, question_heads=RETRIEVAL_HEADS.get(self.loaded.name, ""))
         memory: MemorySource | None = None
         if mem.mode == "memory":
             from memllm.attention import block_layout

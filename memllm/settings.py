@@ -70,6 +70,11 @@ class MemorySettings:
     # Layers that cannot tell the needle from filler (3-9 at 128K) then see the block the discriminating
     # layers found: 4, 8 and 16 recalled the 128K passkey miss (docs/RESULTS.md, session 17). 0 = one pass
     final_consensus: int = 8
+    # retrieval heads ("LAYER:HEAD,...", ``memllm bench retrieval-heads``) that choose those N blocks instead
+    # of the rank vote: each candidate (a block some memory layer's vote pass found) scores, per head, its
+    # best z-scored logit over the question's asking tokens and every token of the block, summed over the
+    # heads. "" = the rank vote
+    question_heads: str = ""
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
     memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode
@@ -133,15 +138,21 @@ def _fields_from_env(cls: type, env: dict[str, str] | os._Environ, prefix: str, 
 
 def parse_memory_changes(spec: str) -> dict[str, object]:
     """ "top_k=64,final_retrieval=heads" -> {"top_k": 64, "final_retrieval": "heads"}: ``MemorySettings``
-    fields, each value read as its ``MEMLLM_MEMORY_*`` variable would be."""
+    fields, each value read as its ``MEMLLM_MEMORY_*`` variable would be. A part without ``=`` goes on
+    the value before it, for settings that are lists themselves: "question_heads=18:7,21:8,top_k=64"."""
     raw: dict[str, str] = {}
     names = {f.name for f in dataclasses.fields(MemorySettings)}
+    last = None
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition("=")
         name = name.strip()
+        if not sep and last is not None:
+            raw[last] += "," + part
+            continue
         if not sep or name not in names:
             raise ValueError(f"{part!r}: expected FIELD=VALUE with a memory setting, one of {sorted(names)}")
-        raw[ENV_PREFIX + "MEMORY_" + name.upper()] = value.strip()
+        last = ENV_PREFIX + "MEMORY_" + name.upper()
+        raw[last] = value.strip()
     return _fields_from_env(MemorySettings, raw, ENV_PREFIX + "MEMORY_")
 
 

@@ -12,8 +12,9 @@ import torch
 
 from memllm.bench.needle_rank import EVERY_TOKEN, SHARED, needle_ranks
 from memllm.bench.passkey import QUESTION, build_prompt
-from memllm.bench.retrieval_heads import calibrate, format_heads, needle_attention, parse_heads, top_heads
+from memllm.bench.retrieval_heads import calibrate, needle_attention, top_heads
 from memllm.engine import Engine
+from memllm.memory.retrieval import format_heads, parse_heads
 from memllm.settings import MemorySettings
 from memllm.testing import tiny_loaded_model, tiny_transformers_model
 
@@ -67,19 +68,19 @@ def test_shared_rank_is_the_sum_of_the_heads_every_token_scores(engine):
     from memllm.bench import needle_rank as nr
 
     captured = {}
-    real = nr._every_token_head_scores
+    real = nr.every_token_scores
 
     def keep(*args):
         out = real(*args)
         captured[len(captured)] = (args, out)
         return out
 
-    nr._every_token_head_scores = keep
+    nr.every_token_scores = keep
     try:
         heads = [(0, 1), (2, 3)]
         rows = needle_ranks(engine, 600, 0.3, "grass", key=48880, heads=heads)
     finally:
-        nr._every_token_head_scores = real
+        nr.every_token_scores = real
     assert [r["scoring"] for r in rows][-2:] == [EVERY_TOKEN, SHARED]
     n_blocks = rows[0]["blocks"]
     n_t = SMALL.asking_tokens
@@ -109,3 +110,13 @@ def test_shared_rank_is_the_sum_of_the_heads_every_token_scores(engine):
 def test_heads_outside_the_model_are_refused(engine):
     with pytest.raises(ValueError, match="outside the model"):
         needle_ranks(engine, 600, 0.3, "grass", key=48880, heads=[(99, 0)])
+
+
+def test_the_bundled_models_calibrated_heads_fit_it(real_model):
+    """``question_heads=auto`` on the bundled model: its calibrated heads, every one a memory layer's."""
+    from memllm.loading import RETRIEVAL_HEADS
+
+    state = Engine(real_model, MemorySettings(question_heads="auto")).new_state("memory")
+    heads = parse_heads(RETRIEVAL_HEADS[real_model.name])
+    assert state.mem.question_heads == RETRIEVAL_HEADS[real_model.name]
+    assert sorted((layer, h) for layer, hs in state._question_heads.items() for h in hs) == sorted(heads)

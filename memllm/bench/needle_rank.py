@@ -21,7 +21,14 @@ import torch
 from memllm.bench.common import format_table
 from memllm.bench.passkey import build_prompt, trial_offset
 from memllm.engine import Engine
-from memllm.memory.retrieval import key_statistics, per_head_rows, search_vectors, zscores
+from memllm.memory.retrieval import (
+    every_token_scores,
+    key_statistics,
+    per_head_rows,
+    search_vectors,
+    sum_head_scores,
+    zscores,
+)
 
 SCORINGS = ("mean", "last", "heads")
 EVERY_TOKEN = "heads, every token"
@@ -58,39 +65,13 @@ def _rank(best: dict[int, float], needle: set[int]) -> int:
     return min(order.index(b) for b in needle)
 
 
-def _every_token_head_scores(
-    keys: torch.Tensor,
-    lengths: torch.Tensor,
-    vectors: torch.Tensor,
-    kv: torch.Tensor,
-    mean: torch.Tensor,
-    cov: torch.Tensor,
-) -> torch.Tensor:
-    """(rows, n_blocks): each row's best z-scored logit over every token of each block (an exact
-    search over the stored keys, not only the representatives).
-
-    keys (n_blocks, Hkv, bs, D) float32 pre-RoPE; lengths (n_blocks,); vectors (rows, D) the asking
-    queries and kv (rows,) their kv heads (:func:`per_head_rows`); mean, cov as :func:`key_statistics`.
-    """
-    n, hkv, bs, d = keys.shape
-    invalid = torch.arange(bs)[None, :] >= lengths[:, None]  # (n, bs)
-    best = torch.full((len(vectors), n), float("-inf"))
-    for g in range(hkv):
-        sel = kv == g
-        rows = vectors[sel]  # (r, D)
-        logits = rows @ keys[:, g].reshape(n * bs, d).T  # (r, n*bs)
-        z = zscores(logits, rows, kv[sel], mean, cov).view(-1, n, bs).masked_fill(invalid, float("-inf"))
-        best[sel] = z.amax(dim=2)
-    return best
-
-
 def _shared_rank(
     layer_scores: dict[int, torch.Tensor], heads: list[tuple[int, int]], n_t: int, needle: set[int]
 ) -> int:
     """The needle's rank when every block scores the sum, over the (layer, query head) pairs, of
     that head's best z-scored logit over the asking tokens (rows ``head * n_t`` on, as
     :func:`per_head_rows` orders them) and every token of the block: one ranking for every layer."""
-    total = sum(layer_scores[layer][head * n_t : (head + 1) * n_t].amax(dim=0) for layer, head in heads)
+    total = sum_head_scores(layer_scores, heads, n_t)
     return _rank(dict(enumerate(total.tolist())), needle)
 
 
@@ -142,9 +123,7 @@ def needle_ranks(
             elif scoring == EVERY_TOKEN:
                 blocks = source.fetch(layer, np.arange(n))
                 keys = torch.from_numpy(blocks.keys).float()
-                every_token[layer] = _every_token_head_scores(
-                    keys, torch.from_numpy(blocks.lengths), vectors, kv, mean, cov
-                )
+                every_token[layer] = every_token_scores(keys, torch.from_numpy(blocks.lengths), vectors, kv, mean, cov)
                 best = dict(enumerate(every_token[layer].amax(dim=0).tolist()))
             else:
                 scores, ids = source.search(layer, search_vectors(q, cfg.n_kv_heads, scoring).numpy(), n)

@@ -132,6 +132,7 @@ ANSWER_SETTINGS = frozenset(
         "memory_distance",
         "memory_positions",
         "asking_tokens",
+        "question_heads",
     }
 )
 

@@ -6,6 +6,7 @@ share of their attention on the needle's tokens; averaged over prompts, a few he
 "retrieval heads" of Wu et al. 2024). On the bundled model the same heads lead with grass and with
 essays as filler (docs/RESULTS.md, session 19), and summing their scores over memory blocks ranks
 the needle's block first where most layers' own searches miss it (``memllm bench needle-rank --heads``).
+``MEMLLM_MEMORY_QUESTION_HEADS`` takes the printed list: the question's vote then uses those heads.
 """
 
 from __future__ import annotations
@@ -22,25 +23,6 @@ from memllm.engine import Engine
 CALIBRATION_DEPTHS = (0.2, 0.4, 0.6, 0.8)
 # calibration prompts read the filler from trial 100 on: away from the trials `bench passkey` scores
 CALIBRATION_TRIAL = 100
-
-
-def parse_heads(spec: str) -> list[tuple[int, int]]:
-    """ "18:7,20:6" -> [(18, 7), (20, 6)]: (layer, query head) pairs."""
-    heads = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        layer, sep, head = part.partition(":")
-        if not sep or not layer.strip().isdigit() or not head.strip().isdigit():
-            raise ValueError(f"{part!r}: a head is LAYER:HEAD, e.g. 18:7")
-        heads.append((int(layer), int(head)))
-    if not heads:
-        raise ValueError("no heads given (LAYER:HEAD,...)")
-    return heads
-
-
-def format_heads(heads: list[tuple[int, int]]) -> str:
-    return ",".join(f"{layer}:{head}" for layer, head in heads)
 
 
 @torch.inference_mode()

@@ -134,6 +134,60 @@ def zscores(
     return (scores - mu) / var.sqrt()
 
 
+def parse_heads(spec: str) -> list[tuple[int, int]]:
+    """ "18:7,20:6" -> [(18, 7), (20, 6)]: (layer, query head) pairs."""
+    heads = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        layer, sep, head = part.partition(":")
+        if not sep or not layer.strip().isdigit() or not head.strip().isdigit():
+            raise ValueError(f"{part!r}: a head is LAYER:HEAD, e.g. 18:7")
+        heads.append((int(layer), int(head)))
+    if not heads:
+        raise ValueError("no heads given (LAYER:HEAD,...)")
+    return heads
+
+
+def format_heads(heads: list[tuple[int, int]]) -> str:
+    return ",".join(f"{layer}:{head}" for layer, head in heads)
+
+
+def every_token_scores(
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    vectors: torch.Tensor,
+    kv: torch.Tensor,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+) -> torch.Tensor:
+    """(rows, n_blocks): each row's best z-scored logit over every token of each block (an exact
+    search over the stored keys, not only the representatives).
+
+    keys (n_blocks, Hkv, bs, D) float32 pre-RoPE; lengths (n_blocks,); vectors (rows, D) the asking
+    queries and kv (rows,) their kv heads (:func:`per_head_rows`); mean, cov as :func:`key_statistics`.
+    """
+    n, hkv, bs, d = keys.shape
+    invalid = torch.arange(bs)[None, :] >= lengths[:, None]  # (n, bs)
+    best = torch.full((len(vectors), n), float("-inf"))
+    for g in range(hkv):
+        sel = kv == g
+        if not bool(sel.any()):
+            continue
+        rows = vectors[sel]  # (r, D)
+        logits = rows @ keys[:, g].reshape(n * bs, d).T  # (r, n*bs)
+        z = zscores(logits, rows, kv[sel], mean, cov).view(-1, n, bs).masked_fill(invalid, float("-inf"))
+        best[sel] = z.amax(dim=2)
+    return best
+
+
+def sum_head_scores(head_rows: dict[int, torch.Tensor], heads: Iterable[tuple[int, int]], n_t: int) -> torch.Tensor:
+    """(n_blocks,): per block, the sum over (layer, query head) pairs of that head's best score over
+    its ``n_t`` asking tokens. head_rows[layer]: (Hq * n_t, n_blocks) scores, rows ordered as
+    :func:`per_head_rows` orders them (head h's tokens at rows h * n_t on)."""
+    return sum(head_rows[layer][head * n_t : (head + 1) * n_t].amax(dim=0) for layer, head in heads)
+
+
 def consensus_blocks(ranked: Iterable[np.ndarray], count: int) -> np.ndarray:
     """The ``count`` blocks several searches agree on (reciprocal-rank voting).
 

@@ -81,6 +81,8 @@ def test_a_prompt_of_one_chunk_has_no_question_forward_to_vary(engine):
         ("top_k", "expected FIELD=VALUE"),
         ("colour=red", "expected FIELD=VALUE"),
         ("top_k=many", "not a valid int"),
+        ("top_k=64,many", "not a valid int"),
+        ("question_heads=18:7,21", "LAYER:HEAD"),
         ("final_retrieval=median", "unknown final_retrieval"),
         ("memory_positions=shuffled", "unknown memory_positions"),
         ("", "empty"),
@@ -99,6 +101,11 @@ def test_a_variant_reads_its_values_as_the_environment_would():
         "reading_top_k": 0,
     }
     assert parse_variant("memory_bias=-1") == {"memory_bias": -1.0}
+    # a list-valued setting keeps its commas: the parts without "=" go on the value before them
+    assert parse_variant("question_heads=18:7, 21:8,final_top_k=16") == {
+        "question_heads": "18:7,21:8",
+        "final_top_k": 16,
+    }
 
 
 def test_the_grid_records_one_arm_per_variant_and_resumes(engine, tmp_path, monkeypatch):

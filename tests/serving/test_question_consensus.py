@@ -89,3 +89,100 @@ async def test_the_voting_pass_leaves_nothing_behind(tiny):
 def test_a_negative_final_consensus_is_refused(tiny):
     with pytest.raises(ValueError, match="final_consensus"):
         tiny_engine(tiny, dataclasses.replace(SMALL, final_consensus=-1)).new_state("memory")
+
+
+HEADS = "2:1,0:3"  # tiny model: 3 layers, 4 query heads over 2 kv heads
+
+
+def _by_hand_heads_vote(state, ballots: list[np.ndarray], asked: dict, count: int) -> list[int]:
+    """The retrieval heads' choice recomputed with explicit loops: per head, the best z-scored logit
+    over its asking tokens and each candidate block's stored tokens, summed over the heads."""
+    candidates = sorted({int(b) for ballot in ballots for b in ballot.tolist()})
+    groups = state.cfg.n_heads // state.cfg.n_kv_heads
+    total = {b: 0.0 for b in candidates}
+    for layer, head in [(2, 1), (0, 3)]:
+        a = asked[layer]
+        q = a.vectors[head * a.n_t : (head + 1) * a.n_t]  # (n_t, D) this head's asking tokens
+        g = head // groups
+        mu = q @ a.mean[g]
+        sd = torch.einsum("td,de,te->t", q, a.cov[g], q).clamp_min(1e-6).sqrt()
+        blocks = state.memory.fetch(layer, np.array(candidates))
+        for j, b in enumerate(candidates):
+            k = torch.from_numpy(blocks.keys[j, g, : int(blocks.lengths[j])]).float()
+            total[b] += float(((q @ k.T - mu[:, None]) / sd[:, None]).max())
+    return sorted(candidates, key=lambda b: (-total[b], b))[:count]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_retrieval_heads_choose_the_blocks_their_every_token_scores_rank_first(tiny, seed, monkeypatch):
+    from memllm.attention import StreamingAttention
+
+    seen = {}
+    real = StreamingAttention._heads_vote
+
+    def spy(self, ballots, count):
+        seen.update(state=self, ballots=ballots, asked=dict(self._asked), count=count)
+        seen["chosen"] = real(self, ballots, count)
+        return seen["chosen"]
+
+    monkeypatch.setattr(StreamingAttention, "_heads_vote", spy)
+    mem = dataclasses.replace(NARROW, final_consensus=2, question_heads=HEADS)
+    voted = await _read(tiny_engine(tiny, mem), prompt(seed, 100), "engine")
+    assert sorted(seen["asked"]) == [0, 2]  # only the heads' layers keep their asking queries
+    want = _by_hand_heads_vote(seen["state"], seen["ballots"], seen["asked"], 2)
+    assert seen["chosen"].tolist() == want
+    for layer, blocks in _memory_ids(voted).items():
+        assert set(want) <= set(blocks), layer
+
+
+async def test_retrieval_heads_and_the_rank_vote_can_disagree(tiny, monkeypatch):
+    """Over a few prompts the heads choose other blocks than the reciprocal-rank vote somewhere
+    (otherwise the setting would change nothing)."""
+    from memllm.attention import StreamingAttention
+
+    differs = []
+    real = StreamingAttention._heads_vote
+
+    def spy(self, ballots, count):
+        chosen = real(self, ballots, count)
+        differs.append(chosen.tolist() != consensus_blocks(ballots, count).tolist())
+        return chosen
+
+    monkeypatch.setattr(StreamingAttention, "_heads_vote", spy)
+    mem = dataclasses.replace(NARROW, final_consensus=2, question_heads=HEADS)
+    for seed in range(4):
+        await _read(tiny_engine(tiny, mem), prompt(seed, 100), "engine")
+    assert len(differs) == 4 and any(differs)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"question_heads": "2-7"}, "LAYER:HEAD"),
+        ({"question_heads": "3:0"}, "outside the model"),
+        ({"question_heads": "1:4"}, "outside the model"),
+        ({"question_heads": "2:0", "layers": "0,1"}, "does not use memory"),
+    ],
+)
+def test_bad_question_heads_are_refused(tiny, changes, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_engine(tiny, dataclasses.replace(SMALL, **changes)).new_state("memory")
+
+
+def test_question_heads_are_ignored_outside_memory_mode(tiny):
+    engine = tiny_engine(tiny, dataclasses.replace(SMALL, question_heads="2:1"))
+    for mode in ("window", "full"):
+        state = engine.new_state(mode)
+        assert state._question_heads == {}
+
+
+def test_auto_question_heads_are_the_loaded_models_own(tiny, monkeypatch):
+    """``auto``: the heads calibrated for the loaded model (by its name), the rank vote for others."""
+    import memllm.engine
+
+    mem = dataclasses.replace(SMALL, question_heads="auto")
+    assert tiny_engine(tiny, mem).new_state("memory")._question_heads == {}
+    monkeypatch.setitem(memllm.engine.RETRIEVAL_HEADS, tiny.name, "2:1,0:3,2:0")
+    state = tiny_engine(tiny, mem).new_state("memory")
+    assert state._question_heads == {2: (1, 0), 0: (3,)}
+    assert state.mem.question_heads == "2:1,0:3,2:0"
