@@ -146,7 +146,13 @@ def memory_options(fn):
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True)
 @click.option("--trials", default=2, show_default=True, help="trials per (length, depth)")
 @click.option("--filler", type=click.Choice(["grass", "essays"]), default="grass", show_default=True)
-@click.option("--modes", default="memory,window", show_default=True, help="memory,window,full")
+@click.option(
+    "--modes",
+    default="memory,window",
+    show_default=True,
+    help="memory,window,full,oracle; oracle = full attention over the sinks, the needle's block and the window "
+    "only: what perfect retrieval would hand the model, its ceiling",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON (resumed if it exists)")
 @click.option(
     "--workers",

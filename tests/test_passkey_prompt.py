@@ -106,3 +106,31 @@ def test_the_summary_and_heatmap_cover_every_length_the_file_holds(engine, tmp_p
     rows = run(engine, lengths=[1536], depths=[0.5], trials=1, filler="grass", modes=["memory"], out=out)
     assert [r["length"] for r in rows] == [1024, 1536]
     assert drawn == {"lengths": [1024, 1536], "depths": [0.0, 0.5]}
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_the_oracle_keeps_the_sinks_the_needles_block_and_the_window(engine, depth):
+    mem = MemorySettings(sinks=64, window=512, block_size=128)
+    prompt = build_prompt(engine, 4096, depth, key=48213, filler="essays", offset=7919)
+    kept = passkey.oracle_positions(4096, prompt.needle_span, mem)
+    assert kept == sorted(set(kept)) and set(range(64)) | set(range(4096 - 512, 4096)) <= set(kept)
+    start, end = prompt.needle_span
+    # a run of 128 consecutive positions holds the whole needle
+    assert any(set(range(s, s + 128)) <= set(kept) for s in range(max(0, end - 128), start + 1))
+    assert len(kept) == 64 + 128 + 512 if depth == 0.5 else len(kept) < 64 + 128 + 512
+    oracle = passkey.oracle_prompt(prompt, mem)
+    assert oracle.key == prompt.key and oracle.ids == [prompt.ids[i] for i in kept]
+    assert oracle.ids[slice(*oracle.needle_span)] == prompt.ids[slice(*prompt.needle_span)]
+
+
+def test_the_oracle_arm_answers_from_the_short_prompt(engine, tmp_path, monkeypatch):
+    """An oracle trial is the full-attention trial of ``oracle_prompt``: same answer, recorded as its own arm."""
+    grid = dict(lengths=[2048], depths=[0.5], trials=1, filler="grass")
+    run(engine, **grid, modes=["oracle"], out=tmp_path / "o.json", window=256, block_size=64)
+    (trial,) = json.loads((tmp_path / "o.json").read_text())["trials"]
+    assert trial["mode"] == "oracle"
+    prompt = build_prompt(engine, 2048, 0.5, trial["key"], "grass")
+    short = passkey.oracle_prompt(prompt, MemorySettings(window=256, block_size=64))
+    assert len(short.ids) < 512
+    direct = passkey.run_trial(engine, short, "full")
+    assert direct["answer"] == trial["answer"] and direct["passed"] == trial["passed"]

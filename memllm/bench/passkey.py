@@ -4,7 +4,9 @@ Prompt (raw, no chat template), lines joined by newlines: the instruction line, 
 ``The pass key is K. Remember it. K is the pass key.`` at a chosen depth, more filler, and
 ``What is the pass key? The pass key is``. K is a random 5-digit number; a trial passes when the
 first integer of the greedy continuation equals K. Filler: the grass/sky/sun sentences, or Paul
-Graham essays (harder: natural text competes with the needle).
+Graham essays (harder: natural text competes with the needle). The ``oracle`` arm asks the model
+with full attention over only what perfect retrieval would give it (``oracle_prompt``): the ceiling
+that separates retrieval misses from the model's own.
 
 Results are appended to a JSON file as they come, so an interrupted run resumes where it stopped.
 """
@@ -37,6 +39,8 @@ INSTRUCTION = (
 )
 GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
+# a bench arm, not an attention mode: full attention over what perfect retrieval would hand the model
+ORACLE = "oracle"
 TRIAL_OFFSET = 7919  # filler tokens skipped per trial number: each trial reads the filler from its own place
 
 
@@ -106,6 +110,31 @@ def build_prompt(engine: Engine, length: int, depth: float, key: int, filler: st
     ids = head + prefix + needle_ids + newline + suffix + question
     start = len(head) + len(prefix)
     return PasskeyPrompt(ids=ids, key=key, needle_span=(start, start + len(needle_ids)))
+
+
+def oracle_positions(n: int, needle_span: tuple[int, int], mem: MemorySettings) -> list[int]:
+    """The prompt positions (sorted, each once) that perfect retrieval would hand memory mode for the
+    question of an ``n``-token prompt: the first ``mem.sinks``, the ``mem.block_size`` around the needle
+    (centred on it, moved inside the prompt at its edges; the whole needle if it is longer), and the
+    last ``mem.window``."""
+    start, end = needle_span
+    if not 0 <= start < end <= n:
+        raise ValueError("the oracle needs the needle's span in the prompt")
+    block_start = min(max(0, start - (mem.block_size - (end - start)) // 2), max(0, n - mem.block_size))
+    block_end = min(n, max(end, block_start + mem.block_size))
+    keep = set(range(min(mem.sinks, n))) | set(range(block_start, block_end)) | set(range(max(0, n - mem.window), n))
+    return sorted(keep)
+
+
+def oracle_prompt(prompt: PasskeyPrompt, mem: MemorySettings) -> PasskeyPrompt:
+    """``oracle_positions`` of ``prompt`` as one short prompt for full attention, at contiguous
+    positions. Its accuracy is the model's own ceiling for a memory-mode trial: a miss here is the
+    model failing to copy a key it sees, not retrieval failing to find it."""
+    kept = oracle_positions(len(prompt.ids), prompt.needle_span, mem)
+    start, end = prompt.needle_span
+    return PasskeyPrompt(
+        ids=[prompt.ids[i] for i in kept], key=prompt.key, needle_span=(kept.index(start), kept.index(end - 1) + 1)
+    )
 
 
 def first_integer(text: str) -> int | None:
@@ -283,6 +312,9 @@ def run(
 
 def _run_job(engine: Engine, prompt: PasskeyPrompt, mode: str, variants: tuple[str, ...] | None, overrides: dict):
     """The results (one per arm) of one (mode, length, depth, trial) job."""
+    if mode == ORACLE:
+        mem = dataclasses.replace(engine.memory_settings, **overrides)
+        return [run_trial(engine, oracle_prompt(prompt, mem), "full", **overrides)]
     if variants:
         return run_answer_variants(engine, prompt, list(variants), **overrides)
     return [run_trial(engine, prompt, mode, **overrides)]
@@ -304,7 +336,7 @@ def _trial_results(
         futures = {}
         for job in jobs:
             p = prompt(job)
-            futures[pool.submit(_worker_trial, p.ids, p.key, job[0], job[4], overrides)] = job
+            futures[pool.submit(_worker_trial, p, job[0], job[4], overrides)] = job
         for future in as_completed(futures):
             yield futures[future], future.result()
     finally:  # interrupted or failed: drop the trials not started, wait only for those running
@@ -324,9 +356,8 @@ def _start_worker(threads: int) -> None:
     _WORKER_ENGINE = Engine(load_model(settings), settings.memory, retrieval=settings.retrieval)
 
 
-def _worker_trial(ids: list[int], key: int, mode: str, variants: tuple[str, ...] | None, overrides: dict):
+def _worker_trial(prompt: PasskeyPrompt, mode: str, variants: tuple[str, ...] | None, overrides: dict):
     assert _WORKER_ENGINE is not None, "the worker was not started"
-    prompt = PasskeyPrompt(ids=ids, key=key, needle_span=(0, 0))
     return _run_job(_WORKER_ENGINE, prompt, mode, variants, overrides)
 
 
