@@ -117,13 +117,14 @@ def test_the_oracle_keeps_the_sinks_the_needles_block_and_the_window(engine, dep
     start, end = prompt.needle_span
     # a run of 128 consecutive positions holds the whole needle
     assert any(set(range(s, s + 128)) <= set(kept) for s in range(max(0, end - 128), start + 1))
-    assert len(kept) == 64 + 128 + 512 if depth == 0.5 else len(kept) < 64 + 128 + 512
+    # three disjoint parts in the middle; at either end the needle's block merges with the sinks or window
+    assert (len(kept) == 64 + 128 + 512) if depth == 0.5 else (len(kept) < 64 + 128 + 512)
     oracle = passkey.oracle_prompt(prompt, mem)
     assert oracle.key == prompt.key and oracle.ids == [prompt.ids[i] for i in kept]
     assert oracle.ids[slice(*oracle.needle_span)] == prompt.ids[slice(*prompt.needle_span)]
 
 
-def test_the_oracle_arm_answers_from_the_short_prompt(engine, tmp_path, monkeypatch):
+def test_the_oracle_arm_answers_from_the_short_prompt(engine, tmp_path):
     """An oracle trial is the full-attention trial of ``oracle_prompt``: same answer, recorded as its own arm."""
     grid = dict(lengths=[2048], depths=[0.5], trials=1, filler="grass")
     run(engine, **grid, modes=["oracle"], out=tmp_path / "o.json", window=256, block_size=64)
