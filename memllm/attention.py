@@ -65,6 +65,7 @@ from memllm.settings import MemorySettings
 
 MODES = ("full", "window", "memory", "memorizing")
 AUTO_HEADS = "auto"  # ``question_heads``: the loaded model's calibrated heads (``Engine.new_state``)
+VOTE_HEADS = "vote"  # ``question_heads``: no heads, the rank vote chooses the question's blocks
 MEMORY_POSITIONS = ("fixed", "ordered")
 
 # What a forward of several tokens is to memory search; the reader sets ``StreamingAttention.reading``
@@ -134,7 +135,7 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
         raise ValueError(f"reading_top_k ({mem.reading_top_k}) must be >= 0 (0: chunks read ahead retrieve top_k)")
     if mem.final_consensus < 0:
         raise ValueError(f"final_consensus ({mem.final_consensus}) must be >= 0 (0: the question reads in one pass)")
-    if mem.question_heads and mem.question_heads != AUTO_HEADS:
+    if mem.question_heads not in ("", AUTO_HEADS, VOTE_HEADS):
         parse_heads(mem.question_heads)
 
 
@@ -233,6 +234,7 @@ class StreamingAttention:
         self._question_top_k = tuple(mem.final_top_k if mem.final_top_k > 0 and k > 0 else k for k in self.top_k)
         self._reading_top_k = tuple(min(k, mem.reading_top_k) if mem.reading_top_k > 0 else k for k in self.top_k)
         self._top_k_now = self.top_k
+        self._memory_bias_now = mem.memory_bias  # set by ``begin``: reading or answering
         self.token_memory: TokenMemory | None = None
         if self.mode == "memorizing":
             layers = parse_layers(mem.memorizing_layers, cfg.n_layers)
@@ -292,6 +294,8 @@ class StreamingAttention:
         start = self.buf.length  # RoPE tables of the new slots, shared by every layer of this forward
         self._cos_sin = self.rope.cos_sin(torch.arange(start, start + n_new), self.dtype)
         asking = self.reading == READ_QUESTION and n_new > 1
+        answering = self.reading == READ_QUESTION or n_new == 1  # the question, or a decode step
+        self._memory_bias_now = self.mem.answer_memory_bias if answering else self.mem.memory_bias
         self._strategy = (self.mem.final_retrieval or self.retrieval) if asking else self.retrieval
         if asking:
             self._top_k_now = self._question_top_k
@@ -514,7 +518,7 @@ class StreamingAttention:
             for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
                 self.trace.mass[block_id] += m
         # a logit bias b on every memory key is a shift of that part's log-sum-exp
-        return merge_attention([(out_l, lse_l), (out_m, lse_m + self.mem.memory_bias)])
+        return merge_attention([(out_l, lse_l), (out_m, lse_m + self._memory_bias_now)])
 
     def _rotate_for_memory(self, q: torch.Tensor) -> torch.Tensor:
         """q rotated at ``memory_distance``: the token memory's keys are unrotated (distance fixed)."""
@@ -649,10 +653,10 @@ def _heads_by_layer(spec: str, cfg: ModelConfig, memory_layers: frozenset[int]) 
     """``question_heads`` ("18:7,20:6") as {layer: query heads}; every head must be in a memory layer
     (none outside memory mode, where ``memory_layers`` is empty). ``auto`` is resolved by
     ``Engine.new_state`` (it knows the model); a state built without an engine reads it as the rank vote."""
-    if not memory_layers or spec == AUTO_HEADS:
+    if not memory_layers or spec in ("", AUTO_HEADS, VOTE_HEADS):
         return {}
     by_layer: dict[int, list[int]] = defaultdict(list)
-    for layer, head in parse_heads(spec) if spec else ():
+    for layer, head in parse_heads(spec):
         if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
             raise ValueError(
                 f"question head {layer}:{head} is outside the model ({cfg.n_layers} layers, {cfg.n_heads} heads)"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from memllm.attention import AUTO_HEADS, READ_AHEAD, READ_LAST, READ_QUESTION, StreamingAttention
+from memllm.attention import AUTO_HEADS, READ_AHEAD, READ_LAST, READ_QUESTION, VOTE_HEADS, StreamingAttention
 from memllm.loading import RETRIEVAL_HEADS, LoadedModel
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView, WritableMemorySource
 from memllm.sampling import SamplingParams
@@ -56,7 +56,7 @@ class Engine:
         if mode is not None:
             mem = dataclasses.replace(mem, mode=mode)
         if mem.question_heads == AUTO_HEADS:  # this model's calibrated heads, or the rank vote
-            mem = dataclasses.replace(mem, question_heads=RETRIEVAL_HEADS.get(self.loaded.name, ""))
+            mem = dataclasses.replace(mem, question_heads=RETRIEVAL_HEADS.get(self.loaded.name, VOTE_HEADS))
         memory: MemorySource | None = None
         if mem.mode == "memory":
             from memllm.attention import block_layout

@@ -49,9 +49,14 @@ class MemorySettings:
     # fixed: every memory key at memory_distance (InfLLM); ordered: a block's tokens keep their order and
     # spacing, the block's last token at memory_distance and its first block_size - 1 tokens farther
     memory_positions: str = "fixed"
-    # added to every memory key's logit (< 0: memory must score higher to draw attention); -0.5 brings the
-    # 64K book perplexity to the window's and keeps the passkey, -1 loses one (docs/RESULTS.md)
+    # added to every memory key's logit while input is read (< 0: memory must score higher to draw
+    # attention); -0.5 brings the 64K book perplexity to the window's and keeps the passkey, -1 loses one
+    # (docs/RESULTS.md)
     memory_bias: float = -0.5
+    # the same, while answering: in the question's forward (READ_QUESTION) and every one-token step
+    # (decoding). With the retrieval heads, 0 recalls the essay passkey at 32K in 36 of 50 trials where
+    # the read's -0.5 recalls 28 (docs/RESULTS.md, session 22); perplexity only reads, so keeps -0.5
+    answer_memory_bias: float = 0.0
     decode_search_every: int = 16  # re-search memory every N decode steps
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     # a prompt longer than one chunk reads its last N tokens in a forward of their own, so that they
@@ -73,8 +78,10 @@ class MemorySettings:
     # retrieval heads ("LAYER:HEAD,...", ``memllm bench retrieval-heads``) that choose those N blocks instead
     # of the rank vote: each candidate (a block some memory layer's vote pass found) scores, per head, its
     # best z-scored logit over the question's asking tokens and every token of the block, summed over the
-    # heads. "" = the rank vote
-    question_heads: str = ""
+    # heads. "auto" = the loaded model's calibrated heads (``memllm.loading.RETRIEVAL_HEADS``), or the rank
+    # vote for a model without them; "vote" (or "") = the rank vote. At 32K with essays auto recalls 36 of
+    # 50 trials where the vote recalls 18 (docs/RESULTS.md, session 22)
+    question_heads: str = "auto"
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
     memorizing_layers: str = "8,16"  # layers with token-level kNN in the memorizing mode

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels.reference import attention_with_lse
-from memllm.attention import StreamingAttention, block_layout, parse_layer_top_k
+from memllm.attention import READ_AHEAD, READ_LAST, READ_QUESTION, StreamingAttention, block_layout, parse_layer_top_k
 from memllm.memory.faiss_index import BlockIndex
 from memllm.memory.retrieval import choose_representatives, distinct_tokens
 from memllm.memory.source import PROVISIONAL_BASE, InMemorySource, MemoryView, split_view_id
@@ -122,24 +122,36 @@ def test_evicted_keys_are_stored_before_rope(tiny):
 @pytest.mark.parametrize(
     ("memory_bias", "positions"), [(0.0, "fixed"), (-1.5, "fixed"), (0.0, "ordered"), (-1.5, "ordered")]
 )
-def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory_bias, positions):
-    """attend() = softmax over [memory keys, their logits + memory_bias; local keys at slot positions].
+@pytest.mark.parametrize(
+    ("reading", "t", "answering"),
+    [(READ_LAST, 5, False), (READ_AHEAD, 5, False), (READ_QUESTION, 5, True), (READ_LAST, 1, True)],
+)
+def test_memory_attention_equals_one_softmax_over_concatenated_keys(
+    tiny, memory_bias, positions, reading, t, answering
+):
+    """attend() = softmax over [memory keys, their logits + the bias; local keys at slot positions].
 
     Memory keys are the blocks' stored pre-RoPE keys seen at memory_distance ("fixed"), or rotated at
-    their offsets in the block with the queries at memory_distance + block_size - 1 ("ordered")."""
+    their offsets in the block with the queries at memory_distance + block_size - 1 ("ordered"). The
+    bias is memory_bias while input is read, answer_memory_bias in the question's forward and in a
+    one-token (decode) step."""
     torch.manual_seed(4)
     cfg = tiny.config
-    mem = dataclasses.replace(SMALL, memory_bias=memory_bias, memory_positions=positions)
+    answer_bias = memory_bias + 0.75
+    mem = dataclasses.replace(
+        SMALL, memory_bias=memory_bias, answer_memory_bias=answer_bias, memory_positions=positions
+    )
+    bias = answer_bias if answering else memory_bias
     state = _state(tiny, mem, trace=True)
     ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(4))
     _read(tiny, state, ids, 16)
     assert state.sink.num_blocks() >= SMALL.top_k
     layer = 2
-    t = 5
     q = torch.randn(1, cfg.n_heads, t, cfg.head_dim)
     k = torch.randn(1, cfg.n_kv_heads, t, cfg.head_dim)
     v = torch.randn(1, cfg.n_kv_heads, t, cfg.head_dim)
     with torch.inference_mode():
+        state.reading = reading
         state.begin(t)
         out = state.attend(layer, q, k, v)
     retrieved = state._retrieved[layer]
@@ -162,7 +174,7 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(tiny, memory
     scale = 1 / math.sqrt(cfg.head_dim)
     from kernels.reference import expand_kv
 
-    s_mem = q_mem @ expand_kv(mem_keys, cfg.n_heads).transpose(-1, -2) * scale + memory_bias
+    s_mem = q_mem @ expand_kv(mem_keys, cfg.n_heads).transpose(-1, -2) * scale + bias
     s_mem = s_mem.masked_fill(~retrieved.mask, -math.inf)
     s_loc = q_local @ expand_kv(k_local, cfg.n_heads).transpose(-1, -2) * scale
     causal = torch.arange(n_local).unsqueeze(0) <= pos_q.unsqueeze(1)

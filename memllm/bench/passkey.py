@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memllm.attention import READ_QUESTION, check_memory_settings
+from memllm.attention import MODES, READ_QUESTION, check_memory_settings
 from memllm.bench.common import essays_text, format_table, machine_info, write_json
 from memllm.engine import Engine
 from memllm.sampling import SamplingParams
@@ -41,6 +41,7 @@ GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 QUESTION = "What is the pass key? The pass key is"
 # a bench arm, not an attention mode: full attention over what perfect retrieval would hand the model
 ORACLE = "oracle"
+PASSKEY_MODES = (*MODES, ORACLE)
 TRIAL_OFFSET = 7919  # filler tokens skipped per trial number: each trial reads the filler from its own place
 
 
@@ -157,7 +158,7 @@ ANSWER_SETTINGS = frozenset(
         "final_consensus",
         "top_k",
         "layer_top_k",
-        "memory_bias",
+        "answer_memory_bias",
         "memory_distance",
         "memory_positions",
         "asking_tokens",
@@ -260,6 +261,9 @@ def run(
     ``MEMLLM_*`` settings, not ``engine``) with ``threads // workers`` threads; ``engine`` then only
     builds the prompts. Keys, prompts and answers are those of a one-process run.
     """
+    unknown = [m for m in modes if m not in PASSKEY_MODES]
+    if unknown:
+        raise ValueError(f"unknown passkey mode(s) {unknown}; choose among {list(PASSKEY_MODES)}")
     for v in variants or ():
         parse_variant(v)  # refused before any trial
     done: list[dict] = []

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from serving_helpers import SMALL, NoTokenizer, prompt, tiny_engine
 
 from memllm.bench import passkey
@@ -68,6 +69,32 @@ def test_the_variants_change_the_answers(engine):
     assert any(a["final_top_k=1"] != a["final_retrieval=mean"] for a in answers)
 
 
+def test_an_answer_bias_variant_answers_as_a_trial_read_with_it(engine):
+    """``answer_memory_bias`` acts only in the question's forward and the decode steps: answering a
+    shared read (read at ``memory_bias``) with it is the trial run with it from the start. Guard: over
+    a few prompts the biases answer differently somewhere."""
+    biases = [-3.0, 0.0, 3.0]
+    answers = []
+    for seed in range(3):
+        got = run_answer_variants(engine, _trial(seed), [f"answer_memory_bias={b}" for b in biases], max_tokens=6)
+        for bias, r in zip(biases, got, strict=True):
+            alone = run_trial(engine, _trial(seed), "memory", max_tokens=6, answer_memory_bias=bias)
+            assert r["answer"] == alone["answer"]
+        answers.append({r["answer"] for r in got})
+    assert any(len(a) > 1 for a in answers)
+
+
+def test_perplexity_reads_at_the_reads_bias_only(engine):
+    """``memllm bench ppl`` only reads: its token losses change with ``memory_bias`` but not with
+    ``answer_memory_bias`` (README: the answer's bias leaves the book perplexity as it was)."""
+    from memllm.bench.ppl import token_nll
+
+    ids = prompt(5, 150)
+    base = token_nll(engine, ids, "memory")
+    assert torch.equal(token_nll(engine, ids, "memory", answer_memory_bias=4.0), base)
+    assert not torch.allclose(token_nll(engine, ids, "memory", memory_bias=4.0), base)
+
+
 def test_a_prompt_of_one_chunk_has_no_question_forward_to_vary(engine):
     with pytest.raises(ValueError, match="one forward"):
         run_answer_variants(engine, _trial(0, SMALL.chunk), ["final_retrieval=heads"])
@@ -78,6 +105,7 @@ def test_a_prompt_of_one_chunk_has_no_question_forward_to_vary(engine):
     [
         ("block_size=64", "the shared read fixes"),
         ("window=128", "the shared read fixes"),
+        ("memory_bias=0", "the shared read fixes"),  # the read's bias; answers use answer_memory_bias
         ("top_k", "expected FIELD=VALUE"),
         ("colour=red", "expected FIELD=VALUE"),
         ("top_k=many", "not a valid int"),
@@ -100,7 +128,7 @@ def test_a_variant_reads_its_values_as_the_environment_would():
         "layer_top_k": "",
         "reading_top_k": 0,
     }
-    assert parse_variant("memory_bias=-1") == {"memory_bias": -1.0}
+    assert parse_variant("answer_memory_bias=-1") == {"answer_memory_bias": -1.0}
     # a list-valued setting keeps its commas: the parts without "=" go on the value before them
     assert parse_variant("question_heads=18:7, 21:8,final_top_k=16") == {
         "question_heads": "18:7,21:8",
@@ -145,3 +173,10 @@ def test_a_bad_variant_is_refused_before_any_trial(engine, tmp_path, monkeypatch
         passkey.run(
             engine, [150], [0.0], 1, "grass", ["memory"], tmp_path / "x.json", variants=["final_retrieval=median"]
         )
+
+
+def test_a_misspelt_mode_is_refused_before_any_trial(engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(passkey, "run_trial", lambda *a, **k: pytest.fail("a trial ran"))
+    with pytest.raises(ValueError, match=r"unknown passkey mode\(s\) \['windw'\]"):
+        passkey.run(engine, [150], [0.0], 1, "grass", ["memory", "windw"], tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()

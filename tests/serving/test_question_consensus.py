@@ -11,6 +11,7 @@ import torch
 from serving_helpers import SMALL, prompt, read_in_scheduler, tiny_engine
 
 from memllm.memory.retrieval import consensus_blocks
+from memllm.settings import MemorySettings, Settings
 
 # the question retrieves 3 of the prompt's ~10 blocks per layer, so layers disagree
 NARROW = dataclasses.replace(SMALL, final_top_k=3, final_consensus=0)
@@ -186,3 +187,19 @@ def test_auto_question_heads_are_the_loaded_models_own(tiny, monkeypatch):
     state = tiny_engine(tiny, mem).new_state("memory")
     assert state._question_heads == {2: (1, 0), 0: (3,)}
     assert state.mem.question_heads == "2:1,0:3,2:0"
+
+
+def test_auto_is_the_default_and_vote_keeps_the_rank_vote(tiny, monkeypatch):
+    """The default chooses the question's blocks with the loaded model's heads; ``vote`` (what
+    ``MEMLLM_MEMORY_QUESTION_HEADS`` sets, an empty variable being no setting) keeps the rank vote
+    even for a model with calibrated heads."""
+    import memllm.engine
+
+    assert MemorySettings().question_heads == "auto"
+    monkeypatch.setitem(memllm.engine.RETRIEVAL_HEADS, tiny.name, "2:1")
+    default = tiny_engine(tiny, dataclasses.replace(SMALL, question_heads=MemorySettings().question_heads))
+    assert default.new_state("memory")._question_heads == {2: (1,)}
+    env = Settings.from_env({"MEMLLM_MEMORY_QUESTION_HEADS": "vote"}).memory
+    state = tiny_engine(tiny, dataclasses.replace(SMALL, question_heads=env.question_heads)).new_state("memory")
+    assert state._question_heads == {}
+    assert state.mem.question_heads == "vote"
