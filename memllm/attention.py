@@ -66,6 +66,7 @@ from memllm.settings import MemorySettings
 MODES = ("full", "window", "memory", "memorizing")
 AUTO_HEADS = "auto"  # ``question_heads``: the loaded model's calibrated heads (``Engine.new_state``)
 VOTE_HEADS = "vote"  # ``question_heads``: no heads, the rank vote chooses the question's blocks
+NAMED_HEADS = ("", AUTO_HEADS, VOTE_HEADS)  # ``question_heads`` values that are not a LAYER:HEAD list
 MEMORY_POSITIONS = ("fixed", "ordered")
 
 # What a forward of several tokens is to memory search; the reader sets ``StreamingAttention.reading``
@@ -135,7 +136,7 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
         raise ValueError(f"reading_top_k ({mem.reading_top_k}) must be >= 0 (0: chunks read ahead retrieve top_k)")
     if mem.final_consensus < 0:
         raise ValueError(f"final_consensus ({mem.final_consensus}) must be >= 0 (0: the question reads in one pass)")
-    if mem.question_heads not in ("", AUTO_HEADS, VOTE_HEADS):
+    if mem.question_heads not in NAMED_HEADS:
         parse_heads(mem.question_heads)
 
 
@@ -652,8 +653,9 @@ class _Asked:
 def _heads_by_layer(spec: str, cfg: ModelConfig, memory_layers: frozenset[int]) -> dict[int, tuple[int, ...]]:
     """``question_heads`` ("18:7,20:6") as {layer: query heads}; every head must be in a memory layer
     (none outside memory mode, where ``memory_layers`` is empty). ``auto`` is resolved by
-    ``Engine.new_state`` (it knows the model); a state built without an engine reads it as the rank vote."""
-    if not memory_layers or spec in ("", AUTO_HEADS, VOTE_HEADS):
+    ``Engine.new_state`` (it knows the model); a state built without an engine reads it, "" and ``vote``
+    as the rank vote."""
+    if not memory_layers or spec in NAMED_HEADS:
         return {}
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in parse_heads(spec):
