@@ -7,6 +7,7 @@ import json
 import pytest
 
 from memllm.bench import passkey
+from memllm.bench.common import machine_info, machine_label
 from memllm.bench.passkey import INSTRUCTION, QUESTION, build_prompt, needle, run
 from memllm.engine import Engine
 from memllm.settings import MemorySettings
@@ -106,6 +107,27 @@ def test_the_summary_and_heatmap_cover_every_length_the_file_holds(engine, tmp_p
     rows = run(engine, lengths=[1536], depths=[0.5], trials=1, filler="grass", modes=["memory"], out=out)
     assert [r["length"] for r in rows] == [1024, 1536]
     assert drawn == {"lengths": [1024, 1536], "depths": [0.0, 0.5]}
+
+
+def test_each_trial_names_the_machine_it_ran_on(engine, tmp_path, monkeypatch):
+    """A file resumed on another machine mixes answers of two CPUs or dtypes (session 24: bfloat16
+    and float32 trials in one file): every trial records where it ran, and a summary row names
+    each machine its trials came from, "unrecorded" for trials written before the field."""
+    monkeypatch.setattr(
+        passkey, "run_trial", lambda engine, prompt, mode, **o: {"answer": "", "passed": True, "seconds": 0.0}
+    )
+    monkeypatch.setattr(passkey, "plot", lambda *a: None)
+    out = tmp_path / "grid.json"
+    grid = dict(lengths=[1024], filler="grass", modes=["memory"], out=out)
+    run(engine, depths=[0.0], trials=1, **grid)
+    saved = json.loads(out.read_text())
+    here = machine_label(machine_info())
+    assert [t["ran_on"] for t in saved["trials"]] == [here]
+    del saved["trials"][0]["ran_on"]  # as an earlier version wrote it
+    out.write_text(json.dumps(saved))
+    rows = run(engine, depths=[0.0, 1.0], trials=1, **grid)
+    assert [r["ran on"] for r in rows] == [" + ".join(sorted([here, passkey.UNRECORDED]))]
+    assert [t.get("ran_on") for t in json.loads(out.read_text())["trials"]] == [None, here]
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])

@@ -65,6 +65,12 @@ def machine_info() -> dict:
     }
 
 
+def machine_label(info: dict) -> str:
+    """The part of ``machine_info`` that changes a bench's answers, in a few words: the CPU model
+    and the dtype (e.g. "AMD EPYC, float32")."""
+    return f"{info['cpu_model']}, {info['dtype']}"
+
+
 def _cpu_model_and_extensions() -> dict:
     from memllm.loading import cpu_model_and_flags
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from memllm.attention import MODES, READ_QUESTION, check_memory_settings
-from memllm.bench.common import essays_text, format_table, machine_info, write_json
+from memllm.bench.common import essays_text, format_table, machine_info, machine_label, write_json
 from memllm.engine import Engine
 from memllm.sampling import SamplingParams
 from memllm.settings import MemorySettings, memory_overrides, parse_memory_changes
@@ -41,6 +41,7 @@ GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 QUESTION = "What is the pass key? The pass key is"
 # a bench arm, not an attention mode: full attention over what perfect retrieval would hand the model
 ORACLE = "oracle"
+UNRECORDED = "unrecorded"  # the machine of a trial written before trials recorded it
 PASSKEY_MODES = (*MODES, ORACLE)
 TRIAL_OFFSET = 7919  # filler tokens skipped per trial number: each trial reads the filler from its own place
 
@@ -297,11 +298,13 @@ def run(
         _, length, depth, trial, _ = job
         return build_prompt(engine, length, depth, keys[(length, depth, trial)], filler, offset=trial_offset(trial))
 
+    ran_on = machine_label(machine_info())
     bar = tqdm(total=len(jobs), desc=f"passkey ({filler})", unit="trial")
     for (mode, length, depth, trial, _), results in _trial_results(engine, jobs, prompt, workers, overrides):
         key = keys[(length, depth, trial)]
         for result in results:
-            done.append({"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result})
+            record = {"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result}
+            done.append({**record, "ran_on": ran_on})
         bar.update()
         bar.set_postfix(mode=mode, length=length, ok="".join("+-"[not r["passed"]] for r in results))
         _save(out, done, filler, overrides)
@@ -389,6 +392,8 @@ def summarize(trials: list[dict], modes: list[str], lengths: list[int]) -> list[
                         "trials": len(got),
                         "accuracy": sum(t["passed"] for t in got) / len(got),
                         "s/trial": sum(t["seconds"] for t in got) / len(got),
+                        # a resumed file may mix machines, and bfloat16 answers differ between CPUs
+                        "ran on": " + ".join(sorted({t.get("ran_on", UNRECORDED) for t in got})),
                     }
                 )
     return rows
