@@ -303,8 +303,9 @@ def run(
     for (mode, length, depth, trial, _), results in _trial_results(engine, jobs, prompt, workers, overrides):
         key = keys[(length, depth, trial)]
         for result in results:
-            record = {"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result}
-            done.append({**record, "ran_on": ran_on})
+            done.append(
+                {"mode": mode, "length": length, "depth": depth, "trial": trial, "key": key, **result, "ran_on": ran_on}
+            )
         bar.update()
         bar.set_postfix(mode=mode, length=length, ok="".join("+-"[not r["passed"]] for r in results))
         _save(out, done, filler, overrides)
