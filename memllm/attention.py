@@ -253,6 +253,10 @@ class StreamingAttention:
         # ``question_heads`` by layer; the voting pass keeps their layers' asking queries in ``_asked``
         self._question_heads = _heads_by_layer(mem.question_heads, cfg, self.memory_layers)
         self._asked: dict[int, _Asked] = {}
+        # the question's retrieval heads, best summed score over memory blocks and over the local
+        # context (sinks + window), set by the heads vote; the answer reads memory at
+        # ``recalled_memory_bias`` while the first is higher (``begin``). None: no heads vote ran
+        self.recall_scores: tuple[float, float] | None = None
         self.trace = MemoryTrace() if trace else None
         self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
@@ -296,7 +300,9 @@ class StreamingAttention:
         self._cos_sin = self.rope.cos_sin(torch.arange(start, start + n_new), self.dtype)
         asking = self.reading == READ_QUESTION and n_new > 1
         answering = self.reading == READ_QUESTION or n_new == 1  # the question, or a decode step
-        self._memory_bias_now = self.mem.answer_memory_bias if answering else self.mem.memory_bias
+        if n_new > 1 and not asking:
+            self.recall_scores = None  # a new prompt: the last question's scores are stale
+        self._memory_bias_now = self.answer_bias() if answering else self.mem.memory_bias
         self._strategy = (self.mem.final_retrieval or self.retrieval) if asking else self.retrieval
         if asking:
             self._top_k_now = self._question_top_k
@@ -312,6 +318,14 @@ class StreamingAttention:
                 self._search_now = True
             self._decode_steps += 1
 
+    def answer_bias(self) -> float:
+        """The memory keys' logit bias in the question's forward and decode steps: ``recalled_memory_bias``
+        where the question's retrieval heads matched memory better than the local context, else
+        ``answer_memory_bias``."""
+        scores = self.recall_scores
+        recalled = scores is not None and scores[0] > scores[1]
+        return self.mem.recalled_memory_bias if recalled else self.mem.answer_memory_bias
+
     @torch.inference_mode()
     def prepare_question(self, model: Transformer, tokens: torch.Tensor) -> None:
         """Before the question's forward (READ_QUESTION, ``final_consensus`` > 0, memory mode):
@@ -320,7 +334,7 @@ class StreamingAttention:
         memory layer attends to them besides its own. A no-op otherwise. Nothing of the voting pass
         stays: the slots it wrote are rewritten, the key mass it added is restored, the trace skips it.
         """
-        self._consensus = None
+        self._consensus, self.recall_scores = None, None
         count = self.mem.final_consensus
         if not (self.reading == READ_QUESTION and count > 0 and tokens.shape[1] > 1 and self.memory_layers):
             return
@@ -346,24 +360,47 @@ class StreamingAttention:
         """The ``count`` blocks the retrieval heads (``question_heads``) score highest among the
         blocks of any ballot: per head, the best z-scored logit over the question's asking tokens
         and every stored token of the block (the representatives alone lose a needle in natural
-        text: docs/RESULTS.md, session 19), summed over the heads. Ties keep the lower id."""
+        text: docs/RESULTS.md, session 19), summed over the heads. Ties keep the lower id.
+
+        Also sets ``recall_scores``: the best candidate's total, and the best total of the local
+        context read before the question, cut into blocks the same way (``_local_blocks``)."""
         candidates = np.unique(np.concatenate(ballots)) if ballots else np.zeros(0, np.int64)
         if candidates.size == 0:
             return candidates
         rows: dict[int, torch.Tensor] = {}
+        local_rows: dict[int, torch.Tensor] = {}
         heads: list[tuple[int, int]] = []
         n_t = 0
         for layer, asked in self._asked.items():
             n_t = asked.n_t
             chosen = self._question_heads[layer]  # their rows only: head h's n_t tokens are rows h*n_t on
             at = torch.cat([torch.arange(h * n_t, (h + 1) * n_t) for h in chosen])
+            vectors, kv = asked.vectors[at], asked.kv[at]
             blocks = self.memory.fetch(layer, candidates)
             keys, lengths = torch.from_numpy(blocks.keys).float(), torch.from_numpy(blocks.lengths)
-            rows[layer] = every_token_scores(keys, lengths, asked.vectors[at], asked.kv[at], asked.mean, asked.cov)
+            rows[layer] = every_token_scores(keys, lengths, vectors, kv, asked.mean, asked.cov)
+            local, local_lengths = self._local_blocks(layer)
+            local_rows[layer] = every_token_scores(local, local_lengths, vectors, kv, asked.mean, asked.cov)
             heads += [(layer, i) for i in range(len(chosen))]
         total = sum_head_scores(rows, heads, n_t)
+        self.recall_scores = (float(total.max()), float(sum_head_scores(local_rows, heads, n_t).max()))
         order = torch.sort(total, descending=True, stable=True).indices[:count]
         return candidates[order.numpy()]
+
+    def _local_blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys read so far, but the first token, as memory-sized blocks for ``every_token_scores``:
+        keys (n, Hkv, block_size, D) float32 pre-RoPE and lengths (n,) (one empty block when there is
+        nothing else). The first token is the attention sink, where every head's idle attention goes
+        (StreamingLLM): it tops most heads' logits whatever is asked. Blocks of memory's size make the
+        two sides one statistic: each head's best over one block, summed over the heads."""
+        bs = self.layout.block_size
+        keys = self.buf.raw[layer, 0, :, 1 : self.buf.length].float()  # (Hkv, L, D)
+        hkv, length, d = keys.shape
+        n = max(1, -(-length // bs))
+        padded = torch.zeros(hkv, n * bs, d)
+        padded[:, :length] = keys
+        lengths = torch.full((n,), bs).clamp_max(torch.arange(length, length - n * bs, -bs).clamp_min(0))
+        return padded.view(hkv, n, bs, d).transpose(0, 1), lengths
 
     def end(self) -> None:
         self.reading = READ_LAST

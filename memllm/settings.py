@@ -57,6 +57,12 @@ class MemorySettings:
     # (decoding). With the retrieval heads, 0 recalls the essay passkey at 32K in 36 of 50 trials where
     # the read's -0.5 recalls 28 (docs/RESULTS.md, session 22); perplexity only reads, so keeps -0.5
     answer_memory_bias: float = 0.0
+    # the answer's bias instead where the question's retrieval heads (``question_heads``) score their best
+    # memory block above their best local one (sinks + window, cut as memory is): the answer then reads
+    # memory louder. Where they match best locally, answer_memory_bias stays (+1 everywhere took the
+    # attention from needles in the window or the sinks: docs/RESULTS.md, session 24). 2 recalls the 32K
+    # essay passkey in 41 of 50 trials against 34 at 0, the oracle 43 (session 25)
+    recalled_memory_bias: float = 2.0
     decode_search_every: int = 16  # re-search memory every N decode steps
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     # a prompt longer than one chunk reads its last N tokens in a forward of their own, so that they

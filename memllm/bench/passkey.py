@@ -160,6 +160,7 @@ ANSWER_SETTINGS = frozenset(
         "top_k",
         "layer_top_k",
         "answer_memory_bias",
+        "recalled_memory_bias",
         "memory_distance",
         "memory_positions",
         "asking_tokens",
@@ -219,7 +220,8 @@ def run_answer_variants(
             copy.reading = READ_QUESTION
             logits = copy.forward(engine.model, question, last_only=True)[0, -1]
         tokens = list(engine.generate(copy, prompt.ids, SamplingParams(max_tokens=max_tokens), logits=logits))
-        results.append({"variant": variant, **_scored(engine, prompt, tokens, shared + time.perf_counter() - t1)})
+        scored = _scored(engine, prompt, tokens, shared + time.perf_counter() - t1)
+        results.append({"variant": variant, **scored, "recall_scores": copy.recall_scores})
     return results
 
 

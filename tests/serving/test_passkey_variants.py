@@ -180,3 +180,38 @@ def test_a_misspelt_mode_is_refused_before_any_trial(engine, tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"unknown passkey mode\(s\) \['windw'\]"):
         passkey.run(engine, [150], [0.0], 1, "grass", ["memory", "windw"], tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_recalled_bias_answers_where_the_heads_scored_memory_higher(tiny, monkeypatch):
+    """``recalled_memory_bias`` is the bias of the question's forward and every decode step where
+    the question's retrieval heads scored memory above the local context (``recall_scores``), and
+    ``answer_memory_bias`` elsewhere; the voting pass, before the scores exist, reads at
+    ``answer_memory_bias``. Where the heads chose the local context the answer is the plain trial's.
+    Guard: both sides occur."""
+    from memllm.attention import READ_QUESTION, StreamingAttention
+
+    biases: list[tuple[str, int, float]] = []
+    real = StreamingAttention.begin
+
+    def spy(self, n_new):
+        real(self, n_new)
+        biases.append((self.reading, n_new, self._memory_bias_now))
+
+    monkeypatch.setattr(StreamingAttention, "begin", spy)
+    mem = dataclasses.replace(MEM, question_heads="2:1,0:3", final_top_k=3)
+    engine = tiny_engine(tiny, mem)
+    engine.tokenizer = IdsTokenizer()
+    chose = set()
+    for seed in range(6):  # 70 tokens: ~5 blocks in memory, so the local blocks win some questions
+        biases.clear()
+        (got,) = run_answer_variants(engine, _trial(seed, 70), ["recalled_memory_bias=3"], max_tokens=6)
+        memory, local = got["recall_scores"]
+        want = 3.0 if memory > local else 0.0
+        chose.add(want)
+        question = [b for reading, _, b in biases if reading == READ_QUESTION]
+        assert question == [0.0, want]  # the voting pass, then the question's forward
+        steps = [b for _, n, b in biases if n == 1]
+        assert len(steps) >= 5 and set(steps) == {want}  # each token read back
+        if want == 0.0:
+            assert got["answer"] == run_trial(engine, _trial(seed, 70), "memory", max_tokens=6)["answer"]
+    assert chose == {0.0, 3.0}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from serving_helpers import SMALL, prompt, read_in_scheduler, tiny_engine
 
+from memllm.attention import READ_LAST
 from memllm.memory.retrieval import consensus_blocks
 from memllm.settings import MemorySettings, Settings
 
@@ -203,3 +204,89 @@ def test_auto_is_the_default_and_vote_keeps_the_rank_vote(tiny, monkeypatch):
     state = tiny_engine(tiny, dataclasses.replace(SMALL, question_heads=env.question_heads)).new_state("memory")
     assert state._question_heads == {}
     assert state.mem.question_heads == "vote"
+
+
+def _by_hand_recall_scores(state, ballots: list[np.ndarray], asked: dict) -> tuple[float, float]:
+    """(best candidate's total, the best local block's total) with explicit loops: per head, the
+    best z-scored logit over its asking tokens and a block's tokens, summed over the heads; the local
+    blocks cut every key read before the question but the first token (the attention sink) into
+    ``block_size`` pieces."""
+    candidates = sorted({int(b) for ballot in ballots for b in ballot.tolist()})
+    groups = state.cfg.n_heads // state.cfg.n_kv_heads
+    total = {b: 0.0 for b in candidates}
+    bs = state.layout.block_size
+    starts = range(1, state.buf.length, bs)
+    local = dict.fromkeys(starts, 0.0)
+    for layer, head in [(2, 1), (0, 3)]:
+        a = asked[layer]
+        q = a.vectors[head * a.n_t : (head + 1) * a.n_t]
+        g = head // groups
+        mu = q @ a.mean[g]
+        sd = torch.einsum("td,de,te->t", q, a.cov[g], q).clamp_min(1e-6).sqrt()
+
+        def best(k: torch.Tensor, q=q, mu=mu, sd=sd) -> float:
+            return float(((q @ k.T - mu[:, None]) / sd[:, None]).max())
+
+        blocks = state.memory.fetch(layer, np.array(candidates))
+        for j, b in enumerate(candidates):
+            total[b] += best(torch.from_numpy(blocks.keys[j, g, : int(blocks.lengths[j])]).float())
+        for start in starts:
+            local[start] += best(state.buf.raw[layer, 0, g, start : min(start + bs, state.buf.length)].float())
+    return max(total.values()), max(local.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_the_heads_vote_scores_memory_against_the_local_context(tiny, seed, monkeypatch):
+    """``recall_scores``: the retrieval heads' best memory block and best local block (sinks and
+    window but the attention sink, cut as memory is), each the summed per-head best z-scored logit."""
+    from memllm.attention import StreamingAttention
+
+    seen = {}
+    real = StreamingAttention._heads_vote
+
+    def spy(self, ballots, count):
+        seen["want"] = _by_hand_recall_scores(self, ballots, dict(self._asked))
+        chosen = real(self, ballots, count)
+        seen["got"] = self.recall_scores
+        return chosen
+
+    monkeypatch.setattr(StreamingAttention, "_heads_vote", spy)
+    mem = dataclasses.replace(NARROW, final_consensus=2, question_heads=HEADS)
+    state = await _read(tiny_engine(tiny, mem), prompt(seed, 100), "engine")
+    assert seen["got"] == pytest.approx(seen["want"], rel=1e-5)
+    assert state.recall_scores == seen["got"]  # kept for the answer's decode steps
+
+
+async def test_the_attention_sink_does_not_count_as_local_context(tiny, monkeypatch):
+    """The first token's keys draw idle attention whatever is asked: making them match every asking
+    query leaves the local score as it was."""
+    from memllm.attention import StreamingAttention
+
+    scores = []
+    real = StreamingAttention._heads_vote
+
+    def spy(self, ballots, count):
+        if len(scores) == 1:  # the second read: a first token every asking query matches strongly
+            for layer, asked in self._asked.items():
+                self.buf.raw[layer, 0, :, 0] = asked.vectors.mean(0).to(self.buf.raw.dtype) * 100
+        chosen = real(self, ballots, count)
+        scores.append(self.recall_scores)
+        return chosen
+
+    monkeypatch.setattr(StreamingAttention, "_heads_vote", spy)
+    mem = dataclasses.replace(NARROW, final_consensus=2, question_heads=HEADS)
+    for _ in range(2):
+        await _read(tiny_engine(tiny, mem), prompt(4, 100), "engine")
+    assert scores[0] == scores[1]
+
+
+def test_the_recalled_bias_is_the_answers_only_where_memory_scored_higher(tiny):
+    mem = dataclasses.replace(SMALL, answer_memory_bias=-0.25, recalled_memory_bias=1.5)
+    state = tiny_engine(tiny, mem).new_state("memory")
+    for scores, want in [(None, -0.25), ((3.0, 2.0), 1.5), ((2.0, 3.0), -0.25), ((2.0, 2.0), -0.25)]:
+        state.recall_scores = scores
+        assert state.answer_bias() == want
+    state.recall_scores = (3.0, 2.0)
+    state.reading = READ_LAST
+    state.begin(5)  # a new prompt's forward: the last question's scores no longer hold
+    assert state.recall_scores is None and state._memory_bias_now == mem.memory_bias
