@@ -254,7 +254,7 @@ class StreamingAttention:
         self._question_heads = _heads_by_layer(mem.question_heads, cfg, self.memory_layers)
         self._asked: dict[int, _Asked] = {}
         # the question's retrieval heads, best summed score over memory blocks and over the local
-        # context (sinks + window), set by the heads vote; the answer reads memory at
+        # context's blocks (``_local_blocks``), set by the heads vote; the answer reads memory at
         # ``recalled_memory_bias`` while the first is higher (``begin``). None: no heads vote ran
         self.recall_scores: tuple[float, float] | None = None
         self.trace = MemoryTrace() if trace else None
@@ -397,9 +397,8 @@ class StreamingAttention:
         keys = self.buf.raw[layer, 0, :, 1 : self.buf.length].float()  # (Hkv, L, D)
         hkv, length, d = keys.shape
         n = max(1, -(-length // bs))
-        padded = torch.zeros(hkv, n * bs, d)
-        padded[:, :length] = keys
-        lengths = torch.full((n,), bs).clamp_max(torch.arange(length, length - n * bs, -bs).clamp_min(0))
+        padded = F.pad(keys, (0, 0, 0, n * bs - length))  # zeros after the last key: (Hkv, n*bs, D)
+        lengths = (length - torch.arange(n) * bs).clamp(0, bs)
         return padded.view(hkv, n, bs, d).transpose(0, 1), lengths
 
     def end(self) -> None:
