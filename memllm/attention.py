@@ -134,6 +134,9 @@ def check_memory_settings(mem: MemorySettings, retrieval: str = "mean") -> None:
     parse_layer_top_k(mem.layer_top_k, mem.top_k, 1 << 16)
     if mem.reading_top_k < 0:
         raise ValueError(f"reading_top_k ({mem.reading_top_k}) must be >= 0 (0: chunks read ahead retrieve top_k)")
+    for name in ("recalled_local_bias", "recalled_block_bias"):
+        if getattr(mem, name) < 0:
+            raise ValueError(f"{name} ({getattr(mem, name)}) must be >= 0 (0: off)")
     if mem.final_consensus < 0:
         raise ValueError(f"final_consensus ({mem.final_consensus}) must be >= 0 (0: the question reads in one pass)")
     if mem.question_heads not in NAMED_HEADS:
@@ -257,6 +260,13 @@ class StreamingAttention:
         # context's blocks (``_local_blocks``), set by the heads vote; the answer reads memory at
         # ``recalled_memory_bias`` while the first is higher (``begin``). None: no heads vote ran
         self.recall_scores: tuple[float, float] | None = None
+        # the best local block's slots [start, end) and ``local_start`` at that vote: where the local
+        # context wins, the answer reads this block at ``recalled_local_bias`` (``_boosted_slots``)
+        self._recalled_local: tuple[int, int, int] | None = None
+        self._boost_now: tuple[int, int] | None = None  # set by ``begin``: slots read louder in this forward
+        # the heads' best memory block (view id): the answer reads it at ``recalled_block_bias`` more
+        self._recalled_block: int | None = None
+        self._answering = False  # set by ``begin``: the question's forward or a decode step
         self.trace = MemoryTrace() if trace else None
         self.buf = KVBuffer(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.n_tokens = 0  # tokens read so far (true positions 0..n_tokens-1)
@@ -301,8 +311,11 @@ class StreamingAttention:
         asking = self.reading == READ_QUESTION and n_new > 1
         answering = self.reading == READ_QUESTION or n_new == 1  # the question, or a decode step
         if n_new > 1 and not asking:
-            self.recall_scores = None  # a new prompt: the last question's scores are stale
+            # a new prompt: the last question's vote is stale
+            self.recall_scores, self._recalled_local, self._recalled_block = None, None, None
+        self._answering = answering
         self._memory_bias_now = self.answer_bias() if answering else self.mem.memory_bias
+        self._boost_now = self._boosted_slots() if answering else None
         self._strategy = (self.mem.final_retrieval or self.retrieval) if asking else self.retrieval
         if asking:
             self._top_k_now = self._question_top_k
@@ -326,6 +339,20 @@ class StreamingAttention:
         recalled = scores is not None and scores[0] > scores[1]
         return self.mem.recalled_memory_bias if recalled else self.mem.answer_memory_bias
 
+    def _boosted_slots(self) -> tuple[int, int] | None:
+        """Slots [lo, hi) that the answer reads at ``recalled_local_bias``: the local block the question's
+        retrieval heads scored best, where it beat memory's best block (``recall_scores``), as it stands
+        after the evictions since the vote (they drop the first local slots and shift the rest down).
+        None where there is no such block, it has left the window, or the bias is 0."""
+        scores, block = self.recall_scores, self._recalled_local
+        if self.mem.recalled_local_bias <= 0 or scores is None or block is None or scores[0] > scores[1]:
+            return None
+        start, end, local_start = block
+        shift, n_sinks = self.local_start - local_start, self.n_sinks
+        lo = start if start < n_sinks else max(n_sinks, start - shift)
+        hi = end if end <= n_sinks else max(n_sinks, end - shift)
+        return (lo, hi) if lo < hi else None
+
     @torch.inference_mode()
     def prepare_question(self, model: Transformer, tokens: torch.Tensor) -> None:
         """Before the question's forward (READ_QUESTION, ``final_consensus`` > 0, memory mode):
@@ -334,7 +361,7 @@ class StreamingAttention:
         memory layer attends to them besides its own. A no-op otherwise. Nothing of the voting pass
         stays: the slots it wrote are rewritten, the key mass it added is restored, the trace skips it.
         """
-        self._consensus, self.recall_scores = None, None
+        self._consensus, self.recall_scores, self._recalled_local, self._recalled_block = None, None, None, None
         count = self.mem.final_consensus
         if not (self.reading == READ_QUESTION and count > 0 and tokens.shape[1] > 1 and self.memory_layers):
             return
@@ -363,7 +390,8 @@ class StreamingAttention:
         text: docs/RESULTS.md, session 19), summed over the heads. Ties keep the lower id.
 
         Also sets ``recall_scores``: the best candidate's total, and the best total of the local
-        context read before the question, cut into blocks the same way (``_local_blocks``)."""
+        context read before the question, cut into blocks the same way (``_local_blocks``);
+        ``_recalled_local``: that best local block's slots; ``_recalled_block``: the best candidate."""
         candidates = np.unique(np.concatenate(ballots)) if ballots else np.zeros(0, np.int64)
         if candidates.size == 0:
             return candidates
@@ -383,8 +411,13 @@ class StreamingAttention:
             local_rows[layer] = every_token_scores(local, local_lengths, vectors, kv, asked.mean, asked.cov)
             heads += [(layer, i) for i in range(len(chosen))]
         total = sum_head_scores(rows, heads, n_t)
-        self.recall_scores = (float(total.max()), float(sum_head_scores(local_rows, heads, n_t).max()))
+        local_total = sum_head_scores(local_rows, heads, n_t)
+        best_local = int(torch.argmax(local_total))  # the first of equal totals
+        self.recall_scores = (float(total.max()), float(local_total[best_local]))
+        start = 1 + best_local * self.layout.block_size  # ``_local_blocks`` starts after the first token
+        self._recalled_local = (start, min(start + self.layout.block_size, self.buf.length), self.local_start)
         order = torch.sort(total, descending=True, stable=True).indices[:count]
+        self._recalled_block = int(candidates[int(order[0])])
         return candidates[order.numpy()]
 
     def _local_blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,18 +577,57 @@ class StreamingAttention:
         (B, Hkv, end)): record the local keys' mass, attend to the retrieved blocks, merge."""
         end = self.buf.length + self._pending
         self.buf.mass[layer, :, :, :end] += mass_l
+        parts = [(out_l, lse_l)]
         retrieved = self._retrieve(layer, q)
-        if retrieved is None:
-            return out_l
-        q_mem = self._rotate_at(q, self._block_query_position)
-        out_m, lse_m = keys_attention_with_lse(q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale)
-        if self.trace is not None:  # observed apart, so that tracing never changes the output
-            mass_m = key_mass_from_lse(q_mem, retrieved.keys, lse_m, self._scale, hidden=~retrieved.mask)
-            per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
-            for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
-                self.trace.mass[block_id] += m
-        # a logit bias b on every memory key is a shift of that part's log-sum-exp
-        return merge_attention([(out_l, lse_l), (out_m, lse_m + self._memory_bias_now)])
+        if retrieved is not None:
+            q_mem = self._rotate_at(q, self._block_query_position)
+            out_m, lse_m = keys_attention_with_lse(q_mem, retrieved.keys, retrieved.values, retrieved.mask, self._scale)
+            if self.trace is not None:  # observed apart, so that tracing never changes the output
+                mass_m = key_mass_from_lse(q_mem, retrieved.keys, lse_m, self._scale, hidden=~retrieved.mask)
+                per_block = mass_m[0].sum(0).view(len(retrieved.ids), retrieved.block_size).sum(1)  # (n_blocks,)
+                for block_id, m in zip(retrieved.ids.tolist(), per_block.tolist(), strict=True):
+                    self.trace.mass[block_id] += m
+            # a logit bias b on every memory key is a shift of that part's log-sum-exp
+            parts.append((out_m, lse_m + self._memory_bias_now))
+            at = self._recalled_block_at(retrieved)
+            if at is not None:
+                keys, values, mask = retrieved.keys[:, :, at], retrieved.values[:, :, at], retrieved.mask[..., at]
+                parts.append(
+                    self._louder(q_mem, keys, values, mask, self._memory_bias_now, self.mem.recalled_block_bias)
+                )
+        if self._boost_now is not None:
+            lo, hi = self._boost_now
+            keys, values = self.buf.rot[layer, :, :, lo:hi], self.buf.val[layer, :, :, lo:hi]
+            parts.append(self._louder(self.rotate_new(q), keys, values, None, 0.0, self.mem.recalled_local_bias))
+        return merge_attention(parts)
+
+    def _louder(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        base: float,
+        bias: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys that another part of the merge already reads at logit bias ``base``, once more, so that
+        together they read at ``base + bias`` (``bias`` > 0): their mass e^(lse + base) gains
+        e^(lse + base) (e^bias - 1). q (B, Hq, T, D) rotated as that part's; keys, values (B, Hkv, n, D);
+        mask as :func:`keys_attention_with_lse`'s. Every query of an answer comes after these keys: no
+        causal mask. -> (out (B, Hq, T, D), lse (B, Hq, T)) for ``merge_attention``."""
+        out, lse = keys_attention_with_lse(q, keys, values, mask, self._scale)
+        return out, lse + base + math.log(math.expm1(bias))
+
+    def _recalled_block_at(self, retrieved: _Retrieved) -> slice | None:
+        """Where the heads' best memory block (``_recalled_block``) lies among this layer's retrieved
+        keys, while answering with ``recalled_block_bias`` > 0; None otherwise or where it is not there."""
+        if not self._answering or self.mem.recalled_block_bias <= 0 or self._recalled_block is None:
+            return None
+        hits = np.flatnonzero(retrieved.ids == self._recalled_block)
+        if hits.size == 0:
+            return None
+        bs = retrieved.block_size
+        return slice(int(hits[0]) * bs, (int(hits[0]) + 1) * bs)
 
     def _rotate_for_memory(self, q: torch.Tensor) -> torch.Tensor:
         """q rotated at ``memory_distance``: the token memory's keys are unrotated (distance fixed)."""

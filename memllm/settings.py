@@ -63,6 +63,15 @@ class MemorySettings:
     # attention from needles in the window or the sinks: docs/RESULTS.md, session 24). 2 recalls the 32K
     # essay passkey in 41 of 50 trials against 34 at 0, the oracle 43 (session 25)
     recalled_memory_bias: float = 2.0
+    # where the heads match best locally instead, the answer reads their best local block (sinks + window
+    # cut as memory is) at this logit bias, the other local keys at 0 (>= 0; 0 = off). 1 recalls the 32K
+    # essay passkey in 43 of 50 trials against 41 at 0, both wins with the needle in the window; 2 the same,
+    # 3 loses one of them (docs/RESULTS.md, session 26)
+    recalled_local_bias: float = 1.0
+    # and the heads' best memory block, wherever they matched best, this much above the rest of memory (>= 0;
+    # 0 = off). 2 recalls the 32K essay passkey in 47 of 50 trials against 43 at 0; the best memory block was
+    # the needle where the sinks' block outscored it locally (docs/RESULTS.md, session 26)
+    recalled_block_bias: float = 2.0
     decode_search_every: int = 16  # re-search memory every N decode steps
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     # a prompt longer than one chunk reads its last N tokens in a forward of their own, so that they

@@ -161,6 +161,8 @@ ANSWER_SETTINGS = frozenset(
         "layer_top_k",
         "answer_memory_bias",
         "recalled_memory_bias",
+        "recalled_local_bias",
+        "recalled_block_bias",
         "memory_distance",
         "memory_positions",
         "asking_tokens",

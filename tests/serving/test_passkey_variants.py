@@ -215,3 +215,53 @@ def test_the_recalled_bias_answers_where_the_heads_scored_memory_higher(tiny, mo
         if want == 0.0:
             assert got["answer"] == run_trial(engine, _trial(seed, 70), "memory", max_tokens=6)["answer"]
     assert chose == {0.0, 3.0}
+
+
+def test_the_recalled_local_block_is_boosted_where_the_heads_chose_the_local_context(tiny, monkeypatch):
+    """``recalled_local_bias``: the question's forward and every decode step read the heads' best
+    local block louder where they scored the local context at least as high as memory, until an
+    eviction moves it (``_boosted_slots``); the voting pass and the read never do. Guard: both sides
+    occur, and the boost changes some answer."""
+    from memllm.attention import READ_QUESTION, StreamingAttention
+
+    seen: list[tuple[float, str, int, tuple[int, int] | None, int]] = []
+    real = StreamingAttention.begin
+
+    def spy(self, n_new):
+        real(self, n_new)
+        seen.append((self.mem.recalled_local_bias, self.reading, n_new, self._boost_now, self.local_start))
+
+    monkeypatch.setattr(StreamingAttention, "begin", spy)
+    mem = dataclasses.replace(MEM, question_heads="2:1,0:3", final_top_k=3)
+    engine = tiny_engine(tiny, mem)
+    engine.tokenizer = IdsTokenizer()
+    chose, changed, kept = set(), False, 0
+    for seed in range(6):
+        seen.clear()
+        off, on = run_answer_variants(
+            engine, _trial(seed, 70), ["recalled_local_bias=0", "recalled_local_bias=3"], max_tokens=6
+        )
+        memory, local = on["recall_scores"]
+        boosted = local >= memory
+        chose.add(boosted)
+        answering = [row[1:] for row in seen if row[0] == 3.0]  # the variant's forwards
+        question = [row for row in answering if row[0] == READ_QUESTION]
+        assert question[0][2] is None and (question[1][2] is not None) == boosted  # the voting pass, the forward
+        steps = [(boost, start) for _, n, boost, start in answering if n == 1]
+        assert len(steps) >= 5
+        before = question[1][2:]
+        for boost, start in steps:
+            if not boosted:
+                assert boost is None
+            elif start == before[1]:  # no eviction since the last forward: the same slots
+                assert boost == before[0]
+                kept += 1
+            else:  # tokens left the window: what remains of the block (``_boosted_slots``), or nothing
+                assert boost is None or (before[0] is not None and boost[1] - boost[0] <= before[0][1] - before[0][0])
+            before = (boost, start)
+        assert all(boost is None for _, reading, n, boost, _ in seen if reading != READ_QUESTION and n > 1)
+        assert all(boost is None for bias, _, _, boost, _ in seen if bias == 0.0)
+        if not boosted:
+            assert on["answer"] == off["answer"]
+        changed |= on["answer"] != off["answer"]
+    assert chose == {False, True} and changed and kept

@@ -206,8 +206,9 @@ def test_auto_is_the_default_and_vote_keeps_the_rank_vote(tiny, monkeypatch):
     assert state.mem.question_heads == "vote"
 
 
-def _by_hand_recall_scores(state, ballots: list[np.ndarray], asked: dict) -> tuple[float, float]:
-    """(best candidate's total, the best local block's total) with explicit loops: per head, the
+def _by_hand_recall_scores(state, ballots: list[np.ndarray], asked: dict) -> tuple[float, float, int]:
+    """(best candidate's total, the best local block's total, that block's first slot) with explicit
+    loops: per head, the
     best z-scored logit over its asking tokens and a block's tokens, summed over the heads; the local
     blocks cut every key read before the question but the first token (the attention sink) into
     ``block_size`` pieces."""
@@ -232,7 +233,8 @@ def _by_hand_recall_scores(state, ballots: list[np.ndarray], asked: dict) -> tup
             total[b] += best(torch.from_numpy(blocks.keys[j, g, : int(blocks.lengths[j])]).float())
         for start in starts:
             local[start] += best(state.buf.raw[layer, 0, g, start : min(start + bs, state.buf.length)].float())
-    return max(total.values()), max(local.values())
+    best_start = max(local, key=lambda start: (local[start], -start))  # the first of equal totals
+    return max(total.values()), local[best_start], best_start
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -248,13 +250,17 @@ async def test_the_heads_vote_scores_memory_against_the_local_context(tiny, seed
         seen["want"] = _by_hand_recall_scores(self, ballots, dict(self._asked))
         chosen = real(self, ballots, count)
         seen["got"] = self.recall_scores
+        seen["block"] = (self._recalled_local, self.buf.length, self.local_start)
         return chosen
 
     monkeypatch.setattr(StreamingAttention, "_heads_vote", spy)
     mem = dataclasses.replace(NARROW, final_consensus=2, question_heads=HEADS)
     state = await _read(tiny_engine(tiny, mem), prompt(seed, 100), "engine")
-    assert seen["got"] == pytest.approx(seen["want"], rel=1e-5)
+    memory, local, start = seen["want"]
+    assert seen["got"] == pytest.approx((memory, local), rel=1e-5)
     assert state.recall_scores == seen["got"]  # kept for the answer's decode steps
+    block, length, local_start = seen["block"]  # the best local block, for ``recalled_local_bias``
+    assert block == (start, min(start + mem.block_size, length), local_start)
 
 
 async def test_the_attention_sink_does_not_count_as_local_context(tiny, monkeypatch):
