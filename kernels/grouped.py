@@ -146,12 +146,13 @@ def causal_attention_with_lse(
     """Causal attention of q, the last Tq of the Tk positions of k and v (Tq <= Tk):
     (out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32), no key mass.
 
-    On CPU in float32/bfloat16 it runs torch's fused flash kernel in two parts, merged by
-    log-sum-exp: the Tk-Tq earlier keys, which every query sees (no mask, the query heads of a
-    group folded into rows), and the causal (Tq, Tq) square. One masked call instead computes every
-    (query, key) product, half of the square's wasted: for 4,096 queries over 8,192 keys the split
-    takes ~1.08 s per layer against ~1.62 s (bfloat16, one thread, an ad-hoc timing on 2026-11-29).
-    Elsewhere, the grouped path.
+    On CPU in float32/bfloat16 it runs torch's fused flash kernel with the query heads of a group
+    folded into rows. Up to ``FEW_QUERIES`` queries (a chat turn, a prompt's tail) in one call with
+    an additive causal bias on the trailing (Tq, Tq) square. Longer chunks in two parts merged by
+    log-sum-exp: the Tk-Tq earlier keys, which every query sees (no mask), and the causal square;
+    one masked call would compute every (query, key) product of the square, half of them wasted: for
+    4,096 queries over 8,192 keys the split takes ~1.08 s per layer against ~1.62 s (bfloat16, one
+    thread, an ad-hoc timing on 2026-11-29). Elsewhere, the grouped path.
     """
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -161,6 +162,11 @@ def causal_attention_with_lse(
         out, lse, _ = grouped_attention_with_lse(q, k, v, None, scale, causal=True)
         return out, lse
     past = tk - tq
+    if tq <= FEW_QUERIES:
+        bias = torch.zeros(tq, tk, dtype=q.dtype)  # row i: query i, at position past + i
+        bias[:, past:].masked_fill_(torch.ones(tq, tq, dtype=torch.bool).triu_(1), float("-inf"))
+        out, lse = _FLASH_CPU(q.reshape(b, hkv, g * tq, d), k, v, 0.0, False, attn_mask=bias.repeat(g, 1), scale=scale)
+        return out.reshape(b, hq, tq, d), lse.reshape(b, hq, tq).float()
     k_new = k[:, :, past:].repeat_interleave(g, dim=1)  # (B, Hq, Tq, D): Tq keys, cheap to repeat
     v_new = v[:, :, past:].repeat_interleave(g, dim=1)
     out_new, lse_new = _FLASH_CPU(q, k_new, v_new, 0.0, True, scale=scale)  # square: top-left = bottom-right
@@ -174,11 +180,10 @@ def causal_attention_with_lse(
     return merge_attention(parts), lse
 
 
-# Up to this many queries (a chat turn, the tail of a prefill) the grouped path, exact mass included,
-# beats the flash kernel plus the sampled mass: 1.64 against 2.85 ms per layer for 25 queries over
-# 2,137 keys in bfloat16, 0.65 against 1.08 for 8; at 64 queries flash wins (5.97 against 9.21); in
-# float32 they tie up to 64 (one thread, ad-hoc timings, 2026-11-30)
-FEW_QUERIES = 32
+# Up to this many queries (a chat turn, the tail of a prefill) one flash call with a causal bias
+# beats the two-part split: 0.44 against 0.59 ms per layer for 22 queries over 2,112 keys, 0.81
+# against 0.86 for 64 (bfloat16, 2 threads, Intel Xeon with AMX, ad-hoc timings on 2026-12-07)
+FEW_QUERIES = 64
 
 
 def causal_attention_with_sampled_mass(
@@ -192,13 +197,14 @@ def causal_attention_with_sampled_mass(
 
     The key mass (the attention each key drew, summed over queries and the heads of its group)
     only ranks a block's keys to choose its representatives, so it is estimated from the queries
-    Tq-1, Tq-1-stride, ... (the last one always included), scaled by Tq / (queries used); stride 1,
-    and any chunk of at most ``FEW_QUERIES`` queries, runs the grouped path instead, which yields
-    the exact mass with out and lse (its products in the input dtype, as a decode step's). Out and
-    lse are exact either way. At 512 queries over 2,624 keys (bfloat16, 2 threads) stride 8 takes
-    ~35 ms against ~118 ms for the grouped path with exact mass (ad-hoc timing, 2026-11-29).
+    Tq-1, Tq-1-stride, ... (the last one always included), scaled by Tq / (queries used); stride 1
+    runs the grouped path instead, which yields the exact mass with out and lse. Out and lse are
+    exact either way. The fused kernel plus the sampled mass beats the grouped path at every size
+    measured: 512 queries over 2,624 keys ~35 against ~118 ms (2026-11-29), 22 queries over 2,112
+    keys (a chat turn) 0.58 against 1.22 ms, 8 over 512 0.17 against 0.21 (bfloat16, 2 threads,
+    Intel Xeon with AMX, ad-hoc timings on 2026-12-07).
     """
-    if mass_stride <= 1 or q.shape[2] <= FEW_QUERIES:
+    if mass_stride <= 1:
         out, lse, mass = grouped_attention_with_lse(q, k, v, None, scale, return_key_mass=True, causal=True)
         assert mass is not None
         return out, lse, mass
@@ -206,11 +212,16 @@ def causal_attention_with_sampled_mass(
     return out, lse, _sampled_key_mass(q, k, lse, scale, mass_stride)
 
 
+def sampled_queries(tq: int, stride: int) -> torch.Tensor:
+    """The queries a key mass is estimated from: indices Tq-1, Tq-1-stride, ... ascending (S,)."""
+    return torch.arange(tq - 1, -1, -stride).flip(0)
+
+
 def _sampled_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
     """Key mass (B, Hkv, Tk) of causal attention (q the last Tq positions of k) from the queries
     Tq-1, Tq-1-stride, ..., scaled to the full Tq; lse (B, Hq, Tq) the rows' log-sum-exp."""
     tq, tk = q.shape[2], k.shape[2]
-    picked = torch.arange(tq - 1, -1, -stride).flip(0)  # (S,) query indices
+    picked = sampled_queries(tq, stride)
     future = torch.arange(tk).unsqueeze(0) > (picked + tk - tq).unsqueeze(1)  # (S, Tk)
     mass = key_mass_from_lse(q[:, :, picked], k, lse[:, :, picked], scale, hidden=future)
     return mass.mul_(tq / picked.numel())

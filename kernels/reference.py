@@ -68,6 +68,10 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
     """
     if len(parts) == 1:
         return parts[0][0]
+    if len(parts) == 2:  # the common case (local + memory) in fewer passes: a weighted mean
+        (o1, l1), (o2, l2) = parts
+        w1 = torch.sigmoid((l1 - l2).nan_to_num_(0.0)).unsqueeze(-1)  # NaN: both empty, outs 0
+        return torch.lerp(o2.float(), o1.float(), w1).to(o1.dtype)
     lses = torch.stack([lse for _, lse in parts])  # (P, B, Hq, Tq)
     total = torch.logsumexp(lses, dim=0)
     total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))

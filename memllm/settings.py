@@ -33,8 +33,9 @@ class MemorySettings:
     # which tokens' keys represent a block: mass (InfLLM), distinct, mass+distinct (memllm/memory/retrieval.py)
     representative_choice: str = "mass"
     mass_stride: int = 8  # representatives ranked by the attention of every Nth chunk query (1 = all)
-    # blocks retrieved per search (a prompt's last forward, chat turns, decoding; chunks read ahead are capped
-    # by reading_top_k). Before the question read on its own, 16 missed the needle at 16K: docs/RESULTS.md
+    # blocks retrieved per search (a prompt's last forward, decoding; chunks read ahead are capped
+    # by reading_top_k; chat sessions change it: Settings.chat_memory). Before the question read on its own,
+    # 16 missed the needle at 16K: docs/RESULTS.md
     top_k: int = 32
     layer_top_k: str = ""  # per-layer overrides of top_k, "LAYERS:K,...", e.g. "11-29:8" (docs/RESULTS.md)
     # at most this many blocks per layer for a chunk of a prompt that goes on after it (reading a long
@@ -72,6 +73,11 @@ class MemorySettings:
     # 0 = off). 2 recalls the 32K essay passkey in 47 of 50 trials against 43 at 0; the best memory block was
     # the needle where the sinks' block outscored it locally (docs/RESULTS.md, session 26)
     recalled_block_bias: float = 2.0
+    # consecutive memory layers that share one kNN search in a forward read as a whole (a chat turn, the
+    # last or only chunk of a prompt, decoding; not a question's per-head search nor its vote): the first
+    # of each group searches, the others attend to the blocks it chose (their own keys and values of
+    # them). Saves the other layers' searches, whose cost grows with memory. 1 = every layer searches
+    search_group: int = 1
     decode_search_every: int = 16  # re-search memory every N decode steps
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     # a prompt longer than one chunk reads its last N tokens in a forward of their own, so that they
@@ -103,6 +109,9 @@ class MemorySettings:
     memorizing_top_k: int = 32  # tokens retrieved per query token in the memorizing mode
 
 
+CHAT_MEMORY = "top_k=8,search_group=5"
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=_default_data_dir)
@@ -115,6 +124,10 @@ class Settings:
     retrieval: str = "mean"  # how a chunk searches memory (memllm/memory/retrieval.py)
     chat_max_live: int = 4  # chat sessions whose live state (sinks + window) stays in memory
     chat_spill: int = 8  # live states kept on disk when they leave memory (memllm/chat/spill.py); 0 = none
+    # memory settings that chat sessions change, "FIELD=VALUE,..." ("none": the engine's as they are): a
+    # turn's first token attends over fewer retrieved blocks, and consecutive layers share a search
+    # (docs/RESULTS.md, session 28: time to first token and LoCoMo)
+    chat_memory: str = CHAT_MEMORY
     memory: MemorySettings = field(default_factory=MemorySettings)
 
     @property
@@ -198,3 +211,13 @@ def ingest_overrides(mem: MemorySettings) -> dict[str, object]:
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment once."""
     return Settings.from_env()
+
+
+def chat_memory_changes(settings: Settings) -> dict[str, object]:
+    """The ``MemorySettings`` changes of chat sessions (``MEMLLM_CHAT_MEMORY``; ``none``: no change)."""
+    if settings.chat_memory.strip().lower() == "none":
+        return {}
+    try:
+        return parse_memory_changes(settings.chat_memory)
+    except ValueError as exc:
+        raise ValueError(f"MEMLLM_CHAT_MEMORY={settings.chat_memory!r}: {exc}") from exc

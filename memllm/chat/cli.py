@@ -88,9 +88,10 @@ def _read_line() -> str | None:
 
 def _chat_unsaved(system: str | None, mode: str | None, params) -> None:
     from memllm.conversation import Conversation
+    from memllm.settings import chat_memory_changes, get_settings
 
     engine = _engine()
-    conv = Conversation(engine, engine.new_state(mode), system=system)
+    conv = Conversation(engine, engine.new_state(mode, **chat_memory_changes(get_settings())), system=system)
     click.echo(f"memllm chat ({engine.loaded.name}, {conv.state.mode} attention, not saved). Empty line to quit.")
     while (user := _read_line()) and user.strip():
         click.echo("bot> ", nl=False)

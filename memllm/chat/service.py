@@ -50,7 +50,7 @@ from memllm.engine import Engine
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView
 from memllm.sampling import SamplingParams
 from memllm.serving.jobs import Text, run_job
-from memllm.settings import get_settings
+from memllm.settings import chat_memory_changes, get_settings
 from memllm.textstream import TextStream
 from storage.models import Chunk, Document, Message
 from storage.owners import Owner
@@ -199,11 +199,13 @@ class ChatService:
         max_live: int | None = None,
         spill: int | None = None,
         scheduler: Scheduler | None = None,
+        memory_changes: dict[str, object] | None = None,
     ) -> None:
         """``engine=None`` gives a service for the operations that need no model (list, history,
         export, delete). ``scheduler``: run the model work through it (see the module docstring).
-        ``max_live``: live states kept in memory; ``spill``: live states kept on disk, 0 for none
-        (defaults: ``MEMLLM_CHAT_MAX_LIVE``, ``MEMLLM_CHAT_SPILL``)."""
+        ``max_live``: live states kept in memory; ``spill``: live states kept on disk, 0 for none;
+        ``memory_changes``: the engine's memory settings that the sessions change (defaults:
+        ``MEMLLM_CHAT_MAX_LIVE``, ``MEMLLM_CHAT_SPILL``, ``MEMLLM_CHAT_MEMORY``)."""
         settings = get_settings()
         max_live = settings.chat_max_live if max_live is None else max_live
         spill = settings.chat_spill if spill is None else spill
@@ -216,7 +218,8 @@ class ChatService:
         if self.mode not in SESSION_MODES:
             raise ChatError(f"chat sessions need attention mode {' or '.join(SESSION_MODES)}, not {self.mode!r}")
         if engine is not None:
-            self.memory = dataclasses.replace(engine.memory_settings, mode=self.mode)
+            self._memory_changes = chat_memory_changes(settings) if memory_changes is None else memory_changes
+            self.memory = dataclasses.replace(engine.memory_settings, mode=self.mode, **self._memory_changes)
             self.layout = block_layout(engine.model.config, self.memory)
             self.template = ChatTemplate(engine.tokenizer)
         self.max_live = max_live
@@ -538,7 +541,9 @@ class ChatService:
             source = await self.store.open_source(Owner.session(session_id), self.layout)
             source.discard_pending()
             await source.refresh()
-        state = self.engine.new_state(self.mode, extra_sources=[s for _, s in kb_sources], sink=source)
+        state = self.engine.new_state(
+            self.mode, extra_sources=[s for _, s in kb_sources], sink=source, **self._memory_changes
+        )
         n = info.token_count
         window = await self._committed_window(session_id, source, n)
         rows, first, last, head, tail = window.rows, window.first, window.last, window.head, window.tail
@@ -602,9 +607,9 @@ class ChatService:
 
         The blocks that the next read would push out of the window leave now (the reply is already
         out): they are committed with this turn, and the next turn's first token does not wait for
-        the buffer's shift."""
-        if live.state.overflow:  # model work (an exclusive scheduler task) only when blocks must leave
-            await self._model(live.state.evict_overflow)
+        the buffer's shift, nor for the key mass the turn's prompt owes (``StreamingAttention.settle``)."""
+        if live.state.overflow or live.state.buf.owes_mass:  # model work (an exclusive scheduler task)
+            await self._model(live.state.settle)
         source = live.source
         pending = source.pending if source is not None else []
         blocks, pos = [], first_local

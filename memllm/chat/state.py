@@ -6,7 +6,6 @@ session's persisted memory. These helpers never change what the attention layer 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -71,10 +70,7 @@ def fork_state(
     overrides = {f.name: getattr(state.mem, f.name) for f in dataclasses.fields(state.mem) if f.name != "mode"}
     overrides.update(changes)
     new = engine.new_state(state.mode, extra_sources=extra_sources, sink=sink, trace=trace, **overrides)
-    buf = copy.copy(state.buf)
-    for name in ("raw", "rot", "val", "mass"):
-        setattr(buf, name, getattr(state.buf, name).clone())
-    new.buf = buf
+    new.buf = state.buf.copy()
     new.n_tokens = state.n_tokens
     new.local_start = state.local_start
     new.evicted_blocks = state.evicted_blocks

@@ -458,7 +458,8 @@ def result_payload(records: Sequence[dict[str, Any]], modes: Sequence[str], timi
 
 # The parts of a result that decide how questions are answered: runs that agree on them may be
 # resumed or merged (the question selection -- limits, conversations -- may differ).
-SAME_SETTINGS = ("data_sha256", "model", "dtype", "memory", "retrieval")  # the data by content, not by path
+# the data by content, not by path
+SAME_SETTINGS = ("data_sha256", "model", "dtype", "memory", "chat_memory", "retrieval")
 SAME_CONFIG = ("limit_sessions", "max_answer_tokens", "retrieval_budget", "truncation_tokens")
 
 
@@ -701,6 +702,7 @@ def conversations_command(
         "model": engine.loaded.name,
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
         "memory": asdict(settings.memory),
+        "chat_memory": settings.chat_memory,  # the chat sessions' changes (memory and hybrid modes)
         "retrieval": settings.retrieval,
         "config": {
             k: getattr(config, k)

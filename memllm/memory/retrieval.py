@@ -33,16 +33,15 @@ def search_vectors(q: torch.Tensor, n_kv_heads: int, strategy: str, last_n: int 
       ``mean+last``  both of the above (their results are merged).
     The ``heads`` strategy (per head, per asking token, z-scored) uses :func:`per_head_rows`.
     """
+    if strategy not in ("mean", "last", "mean+last"):
+        raise ValueError(f"unknown retrieval strategy {strategy!r} (mean, last, mean+last; heads is per-head)")
+    if strategy == "mean":  # the group sum of the mean query: T times fewer sums (every layer searches)
+        return group_sum_queries(q.float().mean(dim=1, keepdim=True), n_kv_heads)
     per_token = group_sum_queries(q, n_kv_heads)  # (T, Hkv*D)
-    mean = per_token.mean(dim=0, keepdim=True)
     last = per_token[-last_n:].mean(dim=0, keepdim=True)
-    if strategy == "mean":
-        return mean
     if strategy == "last":
         return last
-    if strategy == "mean+last":
-        return torch.cat([mean, last])
-    raise ValueError(f"unknown retrieval strategy {strategy!r} (mean, last, mean+last; heads is per-head)")
+    return torch.cat([per_token.mean(dim=0, keepdim=True), last])
 
 
 REPRESENTATIVE_CHOICES = ("mass", "distinct", "mass+distinct")

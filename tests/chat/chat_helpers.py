@@ -44,6 +44,9 @@ async def migrated_store(url: str, data_dir: Path):
 
 
 def make_service(loaded: LoadedModel, store, memory: MemorySettings = SMALL_MEMORY, **kwargs):
+    """A chat service whose sessions read with ``memory`` as it is (no ``MEMLLM_CHAT_MEMORY`` changes
+    unless ``memory_changes`` is given)."""
     from memllm.chat.service import ChatService
 
+    kwargs.setdefault("memory_changes", {})
     return ChatService(Engine(loaded, memory), store, **kwargs)

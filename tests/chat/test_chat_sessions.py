@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -276,8 +277,9 @@ async def test_turns_reuse_retrieved_blocks_exactly_even_when_staged_ids_come_ba
     tiny_chat, store, tmp_path, monkeypatch
 ):
     """Turns and chunks reuse the blocks of the previous search (memllm.attention), also while a
-    long message's evicted blocks are searchable mid-turn under provisional ids: the replies and the
-    final state equal those of a session that fetches every block on every search."""
+    long message's evicted blocks are searchable mid-turn under provisional ids: the replies equal
+    those of a session that fetches every block on every search, and the final state too, up to the
+    order of the float sums (the reused blocks keep their places, new ones fill the places left)."""
     long_text = " ".join(f"fact{i} is {i * 7}" for i in range(40))  # several chunks: blocks leave mid-read
 
     async def converse(svc):
@@ -299,4 +301,43 @@ async def test_turns_reuse_retrieved_blocks_exactly_even_when_staged_ids_come_ba
     n = state.buf.length
     assert n == plain.buf.length and state.n_tokens == plain.n_tokens
     for name in ("raw", "rot", "val", "mass"):
-        assert torch.equal(getattr(state.buf, name)[:, :, :, :n], getattr(plain.buf, name)[:, :, :, :n]), name
+        got, want = getattr(state.buf, name)[:, :, :, :n], getattr(plain.buf, name)[:, :, :, :n]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=name)
+
+
+async def test_sessions_read_with_the_chat_memory_changes(tiny_chat, store, monkeypatch):
+    """``MEMLLM_CHAT_MEMORY`` changes the engine's memory settings for chat sessions (their live states
+    and the service's own); explicit ``memory_changes`` win, and a bad spec is refused by name."""
+    from memllm.chat.service import ChatService
+    from memllm.engine import Engine
+    from memllm.settings import get_settings
+
+    monkeypatch.setenv("MEMLLM_CHAT_MEMORY", "top_k=2,search_group=2")
+    get_settings.cache_clear()
+    try:
+        svc = ChatService(Engine(tiny_chat, SMALL_MEMORY), store)
+        info = await svc.create("profile")
+        await svc.reply(info.id, "Hello there.", PARAMS)
+        state = svc._live[info.id].state
+        assert (state.mem.top_k, state.mem.search_group) == (2, 2) == (svc.memory.top_k, svc.memory.search_group)
+        assert state.mem.window == SMALL_MEMORY.window  # the rest as the engine reads
+        kept = ChatService(Engine(tiny_chat, SMALL_MEMORY), store, memory_changes={})
+        assert kept.memory.top_k == SMALL_MEMORY.top_k and kept.memory.search_group == 1
+        monkeypatch.setenv("MEMLLM_CHAT_MEMORY", "none")
+        get_settings.cache_clear()
+        assert ChatService(Engine(tiny_chat, SMALL_MEMORY), store).memory.top_k == SMALL_MEMORY.top_k
+        monkeypatch.setenv("MEMLLM_CHAT_MEMORY", "top_k=many")
+        get_settings.cache_clear()
+        with pytest.raises(ValueError, match="MEMLLM_CHAT_MEMORY"):
+            ChatService(Engine(tiny_chat, SMALL_MEMORY), store)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_default_chat_memory_changes_are_valid_settings():
+    from memllm.attention import check_memory_settings
+    from memllm.settings import CHAT_MEMORY, MemorySettings, parse_memory_changes
+
+    changes = parse_memory_changes(CHAT_MEMORY)
+    assert changes == {"top_k": 8, "search_group": 5}
+    check_memory_settings(dataclasses.replace(MemorySettings(), **changes))

@@ -102,7 +102,9 @@ def test_keys_attention_matches_reference(dtype: torch.dtype, mask_kind: str, tq
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("tq", "tk"), [(9, 30), (30, 30), (1, 30), (5, 5)])
+@pytest.mark.parametrize(
+    ("tq", "tk"), [(9, 30), (30, 30), (1, 30), (5, 5), (FEW_QUERIES + 8, 90), (FEW_QUERIES + 8, FEW_QUERIES + 8)]
+)
 def test_causal_attention_matches_reference(dtype: torch.dtype, tq: int, tk: int) -> None:
     """Exact causal attention (queries = the last tq positions) on the flash path (float32,
     bfloat16) and the grouped fallback (float16)."""
@@ -117,18 +119,16 @@ def test_causal_attention_matches_reference(dtype: torch.dtype, tq: int, tk: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("tq", "tk"), [(9, 30), (30, 30), (1, 30), (5, 5), (FEW_QUERIES + 8, 60)])
+@pytest.mark.parametrize(("tq", "tk"), [(9, 30), (30, 30), (1, 30), (5, 5), (FEW_QUERIES + 8, 90)])
 @pytest.mark.parametrize("stride", [1, 4])
 def test_causal_attention_with_sampled_mass(dtype: torch.dtype, tq: int, tk: int, stride: int) -> None:
     """Out and lse are exact causal attention (queries = the last tq positions); the key mass is
-    the reference mass of the sampled queries (the last, then every stride-th before it), scaled;
-    of every query when the chunk has at most FEW_QUERIES queries."""
+    the reference mass of the sampled queries (the last, then every stride-th before it), scaled."""
     _, q, k, v = _inputs(7, tq, tk, dtype)
     causal = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]  # (Tq, Tk)
     out, lse, mass = causal_attention_with_sampled_mass(q, k, v, 0.2, stride)
     want_out, want_lse, _ = attention_with_lse(q, k, v, causal, 0.2)
-    sampled = stride if tq > FEW_QUERIES else 1
-    picked = torch.arange(tq - 1, -1, -sampled).flip(0)
+    picked = torch.arange(tq - 1, -1, -stride).flip(0)
     _, _, want_mass = attention_with_lse(q[:, :, picked], k, v, causal[picked], 0.2, return_key_mass=True)
     want_mass = want_mass * (tq / picked.numel())
     tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -66,6 +66,21 @@ def test_merge_of_disjoint_parts_equals_one_softmax() -> None:
     torch.testing.assert_close(merged, whole[0], atol=1e-5, rtol=1e-5)
 
 
+def test_merge_of_two_parts_equals_one_softmax_and_empty_parts_add_nothing() -> None:
+    """The two-part path: one softmax over both key sets; a part without keys (lse -inf, out 0)
+    leaves the other as it is; rows empty in both parts stay 0."""
+    q, k, v = _qkv(tq=10, tk=30)
+    whole = attention_with_lse(q, k, v)
+    first, second = (attention_with_lse(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 11), (11, 30)))
+    torch.testing.assert_close(merge_attention([first[:2], second[:2]]), whole[0], atol=1e-5, rtol=1e-5)
+    none = torch.zeros(q.shape[:3], dtype=torch.bool).unsqueeze(-1).expand(*q.shape[:3], 30)
+    empty = attention_with_lse(q, k, v, none)[:2]
+    assert torch.isinf(empty[1]).all() and not empty[0].any()
+    torch.testing.assert_close(merge_attention([whole[:2], empty]), whole[0])
+    torch.testing.assert_close(merge_attention([empty, whole[:2]]), whole[0])
+    assert torch.equal(merge_attention([empty, empty]), torch.zeros_like(q))
+
+
 def _memory_case(per_head: bool, seed: int = 0):
     q, k, v = _qkv(b=2, hq=4, hkv=2, tq=24, tk=50, d=16, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
