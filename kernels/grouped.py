@@ -14,6 +14,7 @@ True = may attend. ``causal=True`` means the queries are the last Tq of the Tk k
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -163,9 +164,8 @@ def causal_attention_with_lse(
         return out, lse
     past = tk - tq
     if tq <= FEW_QUERIES:
-        bias = torch.zeros(tq, tk, dtype=q.dtype)  # row i: query i, at position past + i
-        bias[:, past:].masked_fill_(torch.ones(tq, tq, dtype=torch.bool).triu_(1), float("-inf"))
-        out, lse = _FLASH_CPU(q.reshape(b, hkv, g * tq, d), k, v, 0.0, False, attn_mask=bias.repeat(g, 1), scale=scale)
+        bias = _causal_bias(tq, tk, g, q.dtype)
+        out, lse = _FLASH_CPU(q.reshape(b, hkv, g * tq, d), k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out.reshape(b, hq, tq, d), lse.reshape(b, hq, tq).float()
     k_new = k[:, :, past:].repeat_interleave(g, dim=1)  # (B, Hq, Tq, D): Tq keys, cheap to repeat
     v_new = v[:, :, past:].repeat_interleave(g, dim=1)
@@ -178,6 +178,15 @@ def causal_attention_with_lse(
     parts = [(out_past.reshape(b, hq, tq, d), lse_past.reshape(b, hq, tq).float()), (out_new, lse_new.float())]
     lse = torch.logaddexp(parts[0][1], parts[1][1])  # every row sees at least its own key: finite
     return merge_attention(parts), lse
+
+
+@functools.lru_cache(maxsize=4)  # every layer of a forward asks for the same one
+def _causal_bias(tq: int, tk: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal bias (groups*Tq, Tk) for the last Tq of Tk positions, the query heads of a
+    group folded into rows (row g*Tq + i: query i, at position Tk - Tq + i). Read only."""
+    bias = torch.zeros(tq, tk, dtype=dtype)
+    bias[:, tk - tq :].masked_fill_(torch.ones(tq, tq, dtype=torch.bool).triu_(1), float("-inf"))
+    return bias.repeat(groups, 1)
 
 
 # Up to this many queries (a chat turn, the tail of a prefill) one flash call with a causal bias
@@ -222,9 +231,17 @@ def _sampled_key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale
     Tq-1, Tq-1-stride, ..., scaled to the full Tq; lse (B, Hq, Tq) the rows' log-sum-exp."""
     tq, tk = q.shape[2], k.shape[2]
     picked = sampled_queries(tq, stride)
-    future = torch.arange(tk).unsqueeze(0) > (picked + tk - tq).unsqueeze(1)  # (S, Tk)
-    mass = key_mass_from_lse(q[:, :, picked], k, lse[:, :, picked], scale, hidden=future)
+    mass = causal_key_mass(q[:, :, picked], k, lse[:, :, picked], picked + tk - tq, scale)
     return mass.mul_(tq / picked.numel())
+
+
+def causal_key_mass(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Key mass (B, Hkv, Tk) that queries q (B, Hq, S, D) at key positions ``positions`` (S,) drew
+    in causal attention (query i sees keys 0..positions[i]), from their rows' log-sum-exp lse (B, Hq, S)."""
+    future = torch.arange(k.shape[2]).unsqueeze(0) > positions.unsqueeze(1)  # (S, Tk)
+    return key_mass_from_lse(q, k, lse, scale, hidden=future)
 
 
 def key_mass_from_lse(

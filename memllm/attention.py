@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from kernels.grouped import (
     causal_attention_with_lse,
     causal_attention_with_sampled_mass,
+    causal_key_mass,
     decode_attention_with_lse,
     grouped_attention_with_lse,
     key_mass_from_lse,
@@ -195,8 +196,7 @@ class KVBuffer:
         owed, self._owed = self._owed, []
         for o in owed:
             end = int(o.positions.max()) + 1
-            hidden = torch.arange(end).unsqueeze(0) > o.positions.unsqueeze(1)  # (S, end)
-            mass = key_mass_from_lse(o.q, self.rot[o.layer, :, :, :end], o.lse, o.scale, hidden=hidden)
+            mass = causal_key_mass(o.q, self.rot[o.layer, :, :, :end], o.lse, o.positions, o.scale)
             self._mass[o.layer, :, :, :end] += mass.mul_(o.weight)
 
     @property
