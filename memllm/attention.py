@@ -34,17 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.grouped import (
-    causal_attention_with_lse,
-    causal_attention_with_sampled_mass,
-    causal_key_mass,
-    decode_attention_with_lse,
-    grouped_attention_with_lse,
-    key_mass_from_lse,
-    keys_attention_with_lse,
-    sampled_queries,
-)
-from kernels.reference import merge_attention
 from memllm.memory.retrieval import (
     REPRESENTATIVE_CHOICES,
     STRATEGIES,
@@ -65,6 +54,17 @@ from memllm.memory.types import BlockLayout, MemoryBlock
 from memllm.model import ModelConfig, Transformer
 from memllm.rope import Rope
 from memllm.settings import MemorySettings
+from memllm_kernels.grouped import (
+    causal_attention_with_lse,
+    causal_attention_with_sampled_mass,
+    causal_key_mass,
+    decode_attention_with_lse,
+    grouped_attention_with_lse,
+    key_mass_from_lse,
+    keys_attention_with_lse,
+    sampled_queries,
+)
+from memllm_kernels.reference import merge_attention
 
 MODES = ("full", "window", "memory", "memorizing")
 AUTO_HEADS = "auto"  # ``question_heads``: the loaded model's calibrated heads (``Engine.new_state``)
@@ -478,7 +478,7 @@ class StreamingAttention:
         """The ``count`` blocks the retrieval heads (``question_heads``) score highest among the
         blocks of any ballot: per head, the best z-scored logit over the question's asking tokens
         and every stored token of the block (the representatives alone lose a needle in natural
-        text: docs/RESULTS.md, session 19), summed over the heads. Ties keep the lower id.
+        text: docs/RESULTS.md, 2026-12-01/a8a0c33), summed over the heads. Ties keep the lower id.
 
         Also sets ``recall_scores``: the best candidate's total, and the best total of the local
         context read before the question, cut into blocks the same way (``_local_blocks``);

@@ -121,6 +121,32 @@ def bench_batch(streams: str, max_tokens: int, mode: str | None, threads: int | 
     click.echo(f"wrote {out}")
 
 
+@bench.command("structured")
+@click.option("--libraries", default="llguidance,xgrammar,outlines-core", show_default=True)
+@click.option("--tokens", default=400, show_default=True, help="constrained tokens timed per library and grammar")
+@click.option("--threads", type=int, default=None, help="model thread's intra-op threads (default: torch's)")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("bench-results/structured.json"), show_default=True
+)
+@friendly_errors
+def bench_structured(libraries: str, tokens: int, threads: int | None, out: Path) -> None:
+    """Per-token grammar mask cost (constrained decoding) vs a decode step at 1 and 8 streams."""
+    import dataclasses
+
+    import torch
+
+    from memllm.bench import structured
+    from memllm.bench.common import format_table
+
+    settings = get_settings()
+    threads = threads or settings.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # as a server should: only the model thread runs a multi-threaded team
+    engine = _engine(dataclasses.replace(settings, threads=0))
+    rows = structured.run(engine, [x.strip() for x in libraries.split(",") if x.strip()], tokens, out, threads)
+    click.echo("\n" + format_table(rows))
+    click.echo(f"wrote {out}")
+
+
 def _memory_overrides(sinks, window, top_k, block_size, layers) -> dict:
     from memllm.settings import memory_overrides
 
@@ -313,14 +339,14 @@ def bench_patterns(text_path, tokens, patterns, lengths, backend, out_dir) -> No
 
 def _register_extensions() -> None:
     """Commands of the other packages (imported here, at the end: they reuse the helpers above)."""
-    from api.cli import keys, serve
     from memllm.bench.chat_latency import chat_latency
     from memllm.bench.serve import bench_serve
     from memllm.chat.cli import chat, sessions
     from memllm.evals.cli import eval_group
     from memllm.evals.conversations import conversations_command, conversations_merge_command
     from memllm.knowledge.cli import ask, ingest, kb, search, summarize
-    from storage.cli import bench_storage, db
+    from memllm_api.cli import keys, serve
+    from memllm_storage.cli import bench_storage, db
 
     for command in (db, chat, sessions, kb, ingest, ask, search, summarize, eval_group, serve, keys):
         cli.add_command(command)

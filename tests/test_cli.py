@@ -63,3 +63,22 @@ def test_bad_setting_is_reported_without_traceback():
     r = memllm("info", env_extra={"MEMLLM_MEMORY_TOP_K": "many"})
     assert r.returncode != 0
     assert "MEMLLM_MEMORY_TOP_K" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_fresh_data_directory_just_works(real_model, tmp_path):
+    """The embedded SQLite default creates its schema on first use: no `memllm db upgrade` first."""
+    fresh = tmp_path / "data"
+    fresh.mkdir()
+    (fresh / "models").symlink_to(test_data_dir() / "models")  # the converted model, not its database
+    env = {"MEMLLM_DATA_DIR": str(fresh)}
+    text = "The lighthouse keeper on Farn Island is named Grace Darling."
+    r = memllm("ingest", "--kb", "notes", "--text", text, "--name", "keeper", "--quiet", env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert "1 ingested" in r.stdout and (fresh / "memllm.db").is_file()
+    r = memllm("ask", "--kb", "notes", "--max-tokens", "16", "Who keeps the lighthouse?", env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert "keeper (doc 1" in r.stdout
+    for command in (("kb", "list"), ("sessions", "list")):
+        r = memllm(*command, env_extra=env)
+        assert r.returncode == 0 and "not migrated" not in r.stderr, r.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.grouped import grouped_attention_with_lse
-from kernels.reference import attention_with_lse
+from memllm_kernels.grouped import grouped_attention_with_lse
+from memllm_kernels.reference import attention_with_lse
 
 
 @pytest.mark.parametrize(("hq", "hkv", "tq", "tk"), [(4, 2, 1, 37), (6, 2, 7, 50), (3, 3, 5, 5), (9, 3, 16, 130)])

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.reference import attention_with_lse
 from memllm.attention import (
     READ_AHEAD,
     READ_LAST,
@@ -27,6 +26,7 @@ from memllm.memory.source import PROVISIONAL_BASE, InMemorySource, MemoryView, s
 from memllm.memory.types import MemoryBlock
 from memllm.rope import Rope
 from memllm.settings import MemorySettings, memory_overrides
+from memllm_kernels.reference import attention_with_lse
 
 SMALL = MemorySettings(
     mode="memory", sinks=4, window=32, chunk=16, block_size=8, representatives=2, top_k=3, memory_distance=40
@@ -180,7 +180,7 @@ def test_memory_attention_equals_one_softmax_over_concatenated_keys(
     k_local = state.buf.rot[layer, :, :, :n_local]
     v_local = state.buf.val[layer, :, :, :n_local]
     scale = 1 / math.sqrt(cfg.head_dim)
-    from kernels.reference import expand_kv
+    from memllm_kernels.reference import expand_kv
 
     s_mem = q_mem @ expand_kv(mem_keys, cfg.n_heads).transpose(-1, -2) * scale + bias
     s_mem = s_mem.masked_fill(~retrieved.mask, -math.inf)
@@ -275,7 +275,7 @@ def test_merge_equals_single_softmax():
     k = torch.randn(1, 2, 20, 8)
     v = torch.randn(1, 2, 20, 8)
     whole, _, _ = attention_with_lse(q, k, v)
-    from kernels.reference import merge_attention
+    from memllm_kernels.reference import merge_attention
 
     a = attention_with_lse(q, k[:, :, :7], v[:, :, :7])
     b = attention_with_lse(q, k[:, :, 7:], v[:, :, 7:])

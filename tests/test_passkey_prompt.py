@@ -110,9 +110,10 @@ def test_the_summary_and_heatmap_cover_every_length_the_file_holds(engine, tmp_p
 
 
 def test_each_trial_names_the_machine_it_ran_on(engine, tmp_path, monkeypatch):
-    """A file resumed on another machine mixes answers of two CPUs or dtypes (session 24: bfloat16
-    and float32 trials in one file): every trial records where it ran, and a summary row names
-    each machine its trials came from, "unrecorded" for trials written before the field."""
+    """A file resumed on another machine mixes answers of two CPUs or dtypes (docs/RESULTS.md,
+    2026-12-05/1406098: bfloat16 and float32 trials in one file): every trial records where it
+    ran, and a summary row names each machine its trials came from, "unrecorded" for trials
+    written before the field."""
     monkeypatch.setattr(
         passkey, "run_trial", lambda engine, prompt, mode, **o: {"answer": "", "passed": True, "seconds": 0.0}
     )

@@ -36,3 +36,25 @@ def test_stop_string_cuts_output_and_never_leaks_a_prefix():
 def test_held_back_prefix_is_released_when_it_is_not_a_stop():
     s = TextStream(CharTokenizer(), stop=["END"])
     assert feed(s, "an ENgine") == "an ENgine" and not s.stopped
+
+
+def test_fast_tokenizer_streams_incrementally_and_matches_a_whole_decode(real_model):
+    """The bundled (fast) tokenizer goes through DecodeStream: same text as decoding all ids at once."""
+    from memllm.textstream import _IncrementalDecoder
+
+    tok = real_model.tokenizer
+    first = "The whale, Ishmael said, was white. Naïve café — 日本語 🙂 and “quotes”."
+    ids = [*tok.encode(first, add_special_tokens=False), tok.eos_token_id]  # a special token: no text
+    ids += tok.encode("\n\nNext line.", add_special_tokens=False)
+    stream = TextStream(tok, stop=["Next"])
+    assert isinstance(stream._decoder, _IncrementalDecoder)
+    out = ""
+    for i in ids:
+        out += stream.push(i)
+        if stream.stopped:
+            break
+    out += stream.finish()
+    assert stream.stopped
+    whole = tok.decode(ids, skip_special_tokens=True)
+    assert out == whole[: whole.index("Next")]
+    assert "日本語 🙂" in out and "\ufffd" not in out

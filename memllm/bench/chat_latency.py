@@ -13,7 +13,7 @@ turn after the session's live state left memory: restored from its spill (a grac
 the session pushed out of the live cache), and re-read from the database (after a crash).
 The sessions read with the chat sessions' memory settings (``MEMLLM_CHAT_MEMORY``: 8 blocks per layer).
 ``--breakdown`` also times the long history's turn retrieving 0 blocks per layer (sinks + window
-only) and the engine's ``top_k`` (32, what a chat turn retrieved before session 28): how much of the
+only) and the engine's ``top_k`` (32, what a chat turn retrieved before commit fd97283): how much of the
 ratio the window and the memory cost.
 """
 
@@ -46,7 +46,7 @@ async def measure(
     from memllm.chat.service import ChatService
     from memllm.evals.conversations import _migrate
     from memllm.sampling import SamplingParams
-    from storage.store import MemoryStore
+    from memllm_storage.store import MemoryStore
 
     lengths = sorted([history_tokens] if isinstance(history_tokens, int) else history_tokens)
     params = SamplingParams(max_tokens=1)

@@ -95,7 +95,7 @@ def build_prompt(engine: Engine, length: int, depth: float, key: int, filler: st
     filler part with no text (depth 0 or 1) is not a line, so it leaves no blank line behind. With
     one, the needle line followed by an empty line and the question, the bundled model answers
     " a special key that is used to create" even with full attention at 4K, where it answers every
-    other depth (docs/RESULTS.md, session 12).
+    other depth (docs/RESULTS.md, 2026-11-30/9822a59).
     """
     head = engine.encode(INSTRUCTION + "\n")
     needle_ids = engine.encode(needle(key))

@@ -2,7 +2,7 @@
 
 Every pattern runs the same model over the same tokens in one forward pass per length (no cache):
 each layer hands its pre-RoPE q, k, v to a :class:`PatternAttention`, which rotates them at their
-true positions and calls ``kernels.attention`` with the pattern (or ``kernels.memory_attention``).
+true positions and calls ``memllm_kernels.attention`` with the pattern (or ``memllm_kernels.memory_attention``).
 
 Patterns (sizes relative to SmolLM2's 8192 trained positions; see :func:`default_specs`):
 
@@ -14,7 +14,7 @@ Patterns (sizes relative to SmolLM2's 8192 trained positions; see :func:`default
     fixed       Sparse Transformer fixed (own stride segment + last ``summary`` keys of each)
     memory      InfLLM-style: sliding window at true positions, plus per 512-query chunk the sink
                 block and the top-k 128-token blocks of the far past, read in place from the
-                sequence's own pre-RoPE keys (kernels.memory_attention) and scored by the chunk's
+                sequence's own pre-RoPE keys (memllm_kernels.memory_attention) and scored by the chunk's
                 mean pre-RoPE query against each block's best-matching key; queries meet every
                 memory key at one fixed RoPE distance (``memory_distance``), as in memllm.attention.
 
@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import patterns as P
+import memllm_kernels
 from memllm.model import Transformer
 from memllm.rope import Rope
+from memllm_kernels import patterns as P
 
 PATTERN_NAMES = ("full", "window", "longformer", "bigbird", "strided", "fixed", "memory")
 
@@ -59,7 +59,7 @@ class MemorySpec:
 
 @dataclass(frozen=True)
 class PatternSpec:
-    """One compared pattern: a kernels.patterns.Pattern, or the memory geometry."""
+    """One compared pattern: a memllm_kernels.patterns.Pattern, or the memory geometry."""
 
     name: str
     pattern: P.Pattern | None = None
@@ -141,7 +141,7 @@ class PatternAttention:
         cos, sin = self._cos_sin
         q_rot, k_rot = Rope.rotate(q, cos, sin), Rope.rotate(k, cos, sin)
         if self.spec.memory is None:
-            out = kernels.attention(q_rot, k_rot, v, self.spec.pattern, backend=self.backend).out
+            out = memllm_kernels.attention(q_rot, k_rot, v, self.spec.pattern, backend=self.backend).out
         else:
             out = self._memory(q, k, v, q_rot, k_rot, self.spec.memory)
         self.attention_seconds += time.perf_counter() - t0
@@ -161,7 +161,7 @@ class PatternAttention:
         lens = torch.full((n_blocks,), pool_k.shape[2], dtype=torch.int32)
         lens[0] = min(mem.n_sinks, pool_k.shape[2])  # block 0 stands for the sinks only
         ids = select_memory_blocks(q, k, mem)
-        res = kernels.memory_attention(
+        res = memllm_kernels.memory_attention(
             q_rot, k_rot, v, pool_k, pool_v, ids.to(q.device),
             local=P.sliding_window(mem.window), q_mem=q_mem, pool_lens=lens.to(q.device),
             chunk_size=mem.chunk, backend=self.backend,

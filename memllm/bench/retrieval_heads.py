@@ -4,7 +4,7 @@ Short passkey prompts (inside the trained range, where the model copies the key 
 filler) are read with full attention. For every (layer, query head) the question's tokens put some
 share of their attention on the needle's tokens; averaged over prompts, a few heads stand out (the
 "retrieval heads" of Wu et al. 2024). On the bundled model the same heads lead with grass and with
-essays as filler (docs/RESULTS.md, session 19), and summing their scores over memory blocks ranks
+essays as filler (docs/RESULTS.md, 2026-12-01/a8a0c33), and summing their scores over memory blocks ranks
 the needle's block first where most layers' own searches miss it (``memllm bench needle-rank --heads``).
 ``MEMLLM_MEMORY_QUESTION_HEADS`` takes the printed list: the question's vote then uses those heads.
 """

@@ -20,7 +20,7 @@ decode time (first text -> last text). Per N:
 
 Without ``--url`` it starts its own ``memllm serve`` on a free loopback port, in a temporary data
 dir whose ``models`` folder links to the configured data dir's (no second model conversion).
-:class:`api.local_server.LocalServer` is that start/stop logic (the API tests use it too).
+:class:`memllm_api.local_server.LocalServer` is that start/stop logic (the API tests use it too).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 
 import click
 
-from api.local_server import LocalServer
+from memllm_api.local_server import LocalServer
 
 STORY_OPENINGS = (
     "It was a cold morning in the harbour town when the old fisherman found a sealed bottle on the beach.",

@@ -48,10 +48,10 @@ def _block(layout: BlockLayout, rng: np.random.Generator, start: int, reps: np.n
 
 
 async def _new_store(workdir: Path, name: str, **kw: Any):
-    from storage import migrate
-    from storage.engine import make_engine
-    from storage.repositories import KnowledgeBaseRepository
-    from storage.store import MemoryStore
+    from memllm_storage import migrate
+    from memllm_storage.engine import make_engine
+    from memllm_storage.repositories import KnowledgeBaseRepository
+    from memllm_storage.store import MemoryStore
 
     url = f"sqlite+aiosqlite:///{workdir / name}.db"
     engine = make_engine(url)
@@ -68,7 +68,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 async def bench_writes(workdir: Path, n_blocks: int, per_write: int, dtype: str) -> dict[str, Any]:
-    from storage.owners import Owner
+    from memllm_storage.owners import Owner
 
     store, kb, _ = await _new_store(workdir, f"writes-{dtype}", payload_dtype=dtype)
     rng = np.random.default_rng(0)
@@ -137,7 +137,7 @@ def bench_index(n: int, dim: int, kind: str, flat_ids: dict[int, np.ndarray]) ->
 
 
 async def bench_restart(workdir: Path, n_vectors: int, dim: int) -> dict[str, Any]:
-    from storage.owners import Owner
+    from memllm_storage.owners import Owner
 
     layout = BlockLayout(layers=(0,), n_kv_heads=dim // 64, head_dim=64, block_size=4, representatives=4)
     n_blocks = n_vectors // layout.representatives
@@ -157,7 +157,7 @@ async def bench_restart(workdir: Path, n_vectors: int, dim: int) -> dict[str, An
     await store.close()
 
     async def reopen() -> tuple[float, dict[int, str]]:
-        from storage.store import MemoryStore
+        from memllm_storage.store import MemoryStore
 
         t = time.perf_counter()
         s2 = await MemoryStore.open(url, workdir / "restart")

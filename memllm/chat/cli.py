@@ -27,7 +27,7 @@ from memllm.settings import get_settings
 @contextlib.asynccontextmanager
 async def _service(with_model: bool = True):
     from memllm.chat.service import ChatService
-    from storage.store import MemoryStore
+    from memllm_storage.store import MemoryStore
 
     settings = get_settings()
     store = await MemoryStore.from_settings(settings)
@@ -43,7 +43,7 @@ async def _service(with_model: bool = True):
 
 def _run(coro):
     from memllm.chat.service import ChatError
-    from storage.migrate import DatabaseNotMigratedError
+    from memllm_storage.migrate import DatabaseNotMigratedError
 
     try:
         return asyncio.run(coro)

@@ -2,7 +2,7 @@
 
 A session's *stream* is its messages in the model's chat template (see :mod:`memllm.conversation`).
 Its attention state keeps the sinks and the local window live; every block that leaves the window
-goes to the session's :class:`storage.source.PersistentSource` and is committed **in the same
+goes to the session's :class:`memllm_storage.source.PersistentSource` and is committed **in the same
 transaction** as the turn's message rows. A reply attends over the recent turns (window) plus the
 kNN-retrieved blocks of any earlier turn, and over the session's knowledge bases if it has any.
 
@@ -52,11 +52,11 @@ from memllm.sampling import SamplingParams
 from memllm.serving.jobs import Text, run_job
 from memllm.settings import chat_memory_changes, get_settings
 from memllm.textstream import TextStream
-from storage.models import Chunk, Document, Message
-from storage.owners import Owner
-from storage.repositories import MessageRepository, NotFoundError, SessionRepository
-from storage.source import PENDING_BASE, PersistentSource
-from storage.store import MemoryStore
+from memllm_storage.models import Chunk, Document, Message
+from memllm_storage.owners import Owner
+from memllm_storage.repositories import MessageRepository, NotFoundError, SessionRepository
+from memllm_storage.source import PENDING_BASE, PersistentSource
+from memllm_storage.store import MemoryStore
 
 if TYPE_CHECKING:
     from memllm.serving.scheduler import Scheduler

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from memllm.attention import StreamingAttention
-from storage.owners import Owner
+from memllm_storage.owners import Owner
 
 log = logging.getLogger(__name__)
 

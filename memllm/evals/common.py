@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memllm.knowledge.porter import stem
+from memllm.knowledge.analysis import stem
 
 
 def eval_data_dir() -> Path:

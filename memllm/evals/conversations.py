@@ -17,7 +17,7 @@ category 1 (multi-hop) averages, over the comma-split gold parts, the best F1 ag
 comma-split prediction parts; category 3 scores against the gold cut at the first ';';
 category 5 (adversarial) is asked as the official two-option question ("Not mentioned in the
 conversation" vs the adversarial answer) and scores 1 when the answer contains "no information
-available" or "not mentioned". Porter stems come from :mod:`memllm.knowledge.porter` (the
+available" or "not mentioned". Porter stems come from :mod:`memllm.knowledge.analysis` (PyStemmer's
 original algorithm; the official script uses NLTK's variant, which differs on a few words).
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import click
 
-from memllm.knowledge.porter import stem
+from memllm.knowledge.analysis import stem
 
 MODES = ("memory", "truncation", "retrieval", "hybrid")
 QA_PROMPT = (
@@ -369,7 +369,7 @@ class ConversationEval:
     async def _memory_session(self, conv, timing):
         """A chat session (temporary SQLite store) that has read the whole conversation."""
         from memllm.chat.service import ChatService
-        from storage.store import MemoryStore
+        from memllm_storage.store import MemoryStore
 
         with tempfile.TemporaryDirectory(prefix="memllm-eval-") as tmp:
             url = f"sqlite+aiosqlite:///{tmp}/eval.db"
@@ -522,8 +522,8 @@ def _past_turns(conv: LocomoConversation):
 
 
 async def _migrate(url: str) -> None:
-    from storage import migrate
-    from storage.engine import make_engine
+    from memllm_storage import migrate
+    from memllm_storage.engine import make_engine
 
     eng = make_engine(url)
     try:

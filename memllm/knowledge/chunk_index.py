@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from memllm.knowledge.embedding_cache import EmbeddingCache
 from memllm.knowledge.embeddings import Embedder
 from memllm.knowledge.ranking import HybridIndex
-from storage.models import Chunk, Document
+from memllm_storage.models import Chunk, Document
 
 log = logging.getLogger(__name__)
 

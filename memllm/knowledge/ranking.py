@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memllm.knowledge.bm25 import BM25Index
+from memllm.knowledge.lexical import BM25Index
 
 METHODS = ("embeddings", "bm25", "hybrid")
 DEFAULT_ALPHA = 0.5

@@ -49,14 +49,21 @@ from memllm.knowledge.parsing import (
     parse_file,
 )
 from memllm.knowledge.sources import FilteredSource
+from memllm.knowledge.staging import (
+    READING_STATUSES,
+    IngestStaging,
+    StagedText,
+    interrupted_ids,
+    interrupted_message,
+)
 from memllm.memory.source import split_view_id
 from memllm.sampling import SamplingParams
 from memllm.serving.jobs import GenerateJob, Text, run_job
 from memllm.textstream import TextStream
-from storage import MemoryStore, NotFoundError, Owner
-from storage.models import Document, KnowledgeBase, MemoryBlockRow
-from storage.repositories import ChunkRepository, DocumentRepository, KnowledgeBaseRepository
-from storage.store import LayoutMismatchError
+from memllm_storage import MemoryStore, NotFoundError, Owner
+from memllm_storage.models import Document, KnowledgeBase, MemoryBlockRow
+from memllm_storage.repositories import ChunkRepository, DocumentRepository, KnowledgeBaseRepository
+from memllm_storage.store import LayoutMismatchError
 
 if TYPE_CHECKING:
     from memllm.serving.scheduler import Scheduler
@@ -251,7 +258,7 @@ def make_snippet(text: str, query: str | None = None, limit: int = 240) -> str:
     """The chunk's sentence that shares the most terms with ``query`` (or its start), at most ``limit`` chars."""
     best = (0, 0)
     if query:
-        from memllm.knowledge.bm25 import analyze
+        from memllm.knowledge.analysis import analyze
         from memllm.knowledge.chunking import sentence_spans
 
         terms = set(analyze(query))
@@ -307,6 +314,7 @@ class KnowledgeService:
         self.max_bytes = max_bytes
         self.model_name = model_name or (engine.loaded.name if engine is not None else None)
         self.chunks = ChunkIndexCache(store.data_dir, self.embedder)
+        self.staging = IngestStaging(store.data_dir / "ingest")
         self._model_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- construction
@@ -479,6 +487,8 @@ class KnowledgeService:
             return False
         async with self.store.writer(Owner.kb(row.knowledge_base_id), self._layout_or_none()) as w:
             ok = await w.delete_document(row.id)
+        if ok and not self.staging.is_being_read(row.id):
+            self.staging.drop(row.id)
         return ok
 
     def _layout_or_none(self):
@@ -505,6 +515,8 @@ class KnowledgeService:
         text = clean_text(text)
         result = IngestResult(source_name, "error")
         emit = progress or (lambda event, info: None)
+        pending_id = None
+        reading = contextlib.ExitStack()
         try:
             if not text:
                 raise BadDocumentError(f"{source_name}: no text")
@@ -518,9 +530,11 @@ class KnowledgeService:
                 return result
             replacing = existing if existing is not None and existing.status == "ready" else None
             # a new document gets a visible row with its status; a replacement keeps the old version
-            pending_id = None
             if replacing is None:
                 pending_id = await self._pending_row(kb_row.id, source_name, sha, media_type, meta, existing)
+                # its text is kept on disk until it is ready, and a lock says it is being read
+                self.staging.stage(pending_id, StagedText(source_name, text, media_type, meta or {}))
+                reading.enter_context(self.staging.reading(pending_id))
             result.document_id = pending_id
 
             async def set_status(status: str, error: str | None = None) -> None:
@@ -569,18 +583,57 @@ class KnowledgeService:
             result.status, result.document_id = "ready", doc.id
             result.replaced_id = old.id if old is not None else None
             result.tokens, result.chunks, result.blocks = len(ids), len(chunks), len(blocks)
+            if pending_id is not None:
+                self.staging.drop(pending_id)
             emit("status", {"source": source_name, "status": "ready"})
-        except BadDocumentError as exc:
-            result.error = str(exc)
-            await self._mark_error(result, kb_row.id, source_name, str(exc), emit)
-        except LayoutMismatchError as exc:
-            result.error = f"{source_name}: {exc}"
+        except (BadDocumentError, LayoutMismatchError) as exc:  # reading it again would not help
+            result.error = str(exc) if isinstance(exc, BadDocumentError) else f"{source_name}: {exc}"
             await self._mark_error(result, kb_row.id, source_name, result.error, emit)
+            if pending_id is not None:
+                self.staging.drop(pending_id)
         except InterruptedError:
             raise
+        except Exception as exc:  # a fault of ours or of the machine: recorded, the text kept for a retry
+            log.exception("ingest %s failed", source_name)
+            result.error = f"{source_name}: ingestion failed ({type(exc).__name__}: {exc}); retry it"
+            await self._mark_error(result, kb_row.id, source_name, result.error, emit)
         finally:
+            reading.close()
             result.seconds = time.perf_counter() - t0
         return result
+
+    async def recover_interrupted(self, kb: str | int | None = None) -> list[int]:
+        """Mark ``error`` every document (of ``kb``, or of all) left in a reading status by a process
+        that died; returns their ids. Their text, when kept, waits for :meth:`staged_for_retry`."""
+        kb_id = (await self.get_kb(kb)).id if kb is not None else None
+        async with self.store.sessions() as s:
+            query = select(Document.id, Document.status).where(Document.status.in_(READING_STATUSES))
+            if kb_id is not None:
+                query = query.where(Document.knowledge_base_id == kb_id)
+            ids = interrupted_ids(self.staging, [(r.id, r.status) for r in (await s.execute(query)).all()])
+            repo = DocumentRepository(s)
+            for doc_id in ids:
+                await repo.set_status(doc_id, "error", interrupted_message(self.staging.has_text(doc_id)))
+            await s.commit()
+        for doc_id in ids:
+            log.warning("document %d: its ingestion was interrupted; marked error", doc_id)
+        return ids
+
+    def retryable(self, row: Document) -> bool:
+        """Whether a failed document's text was kept, so that it can be read again."""
+        return row.status == "error" and self.staging.has_text(row.id)
+
+    async def staged_for_retry(self, kb: str | int, doc: int | str) -> StagedText:
+        """The kept text of a failed (or interrupted) document, to ingest again under its name."""
+        row = await self.get_document(kb, doc)
+        if row.status in READING_STATUSES and row.id in await self.recover_interrupted(kb):
+            row = await self.get_document(kb, row.id)
+        if row.status != "error":
+            raise KnowledgeError(f"document {row.id} is {row.status}: only a failed ingestion can be retried")
+        staged = self.staging.load(row.id)
+        if staged is None:
+            raise KnowledgeError(f"document {row.id}: its text was not kept; upload it again")
+        return staged
 
     async def _pending_row(self, kb_id, source_name, sha, media_type, meta, existing) -> int:
         async with self.store.sessions() as s:
@@ -1114,8 +1167,8 @@ def _progress_bars(progress: bool | ProgressFn, n_docs: int, approx_tokens: int)
 async def temporary_service(settings, directory: Path, engine=None, embedder: Embedder | None = None, **kwargs: Any):
     """A service over a fresh SQLite database and data directory (evaluations, tests); the model is
     loaded from ``settings`` (its converted weights stay in the usual data directory)."""
-    from storage import migrate
-    from storage.engine import make_engine
+    from memllm_storage import migrate
+    from memllm_storage.engine import make_engine
 
     if engine is None:
         from memllm.engine import Engine

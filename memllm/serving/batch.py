@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.grouped import few_query_scores
 from memllm.attention import StreamingAttention
 from memllm.model import Transformer
 from memllm.rope import Rope
 from memllm.serving.batch_kv import BatchKV
+from memllm_kernels.grouped import few_query_scores
 
 
 def _isolated(
@@ -92,7 +92,7 @@ class BatchedAttention:
 
     def _attend_batched(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One decode token per stream: the same math as ``StreamingAttention.attend`` (local part
-        by :func:`~kernels.grouped.decode_attention_with_lse`), with the local attention of all
+        by :func:`~memllm_kernels.grouped.decode_attention_with_lse`), with the local attention of all
         streams in one product over the shared rows of ``kv``."""
         kv, rows = self.kv, self.rows
         assert kv is not None and rows is not None

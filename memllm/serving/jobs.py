@@ -41,9 +41,17 @@ from memllm.textstream import TextStream
 
 @dataclass(frozen=True)
 class Token:
-    """A generated token of the answer (stop ids and closing tokens are not output)."""
+    """A generated token of the answer (stop ids and closing tokens are not output).
+
+    With logprobs asked of the job: ``logprob`` is the token's log-probability under the model's
+    raw distribution (log-softmax of the logits as the model gave them: before logit bias,
+    penalties, temperature, top-k/p and any grammar mask), ``top_logprobs`` the most likely
+    (id, logprob) pairs of that distribution, most likely first.
+    """
 
     id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,23 @@ class Text:
     """Text that became final (jobs with a TextStream only): the pieces concatenate to the answer."""
 
     text: str
+
+
+class LogitsConstraint(Protocol):
+    """A grammar over the output (:class:`memllm.constrain.Constraint`): masks the logits before
+    each sample and is advanced by each sampled output token; ``done`` once the output is complete.
+    Sampling one of ``eos_ids`` ends the answer (where the grammar allows it)."""
+
+    eos_ids: frozenset[int]
+
+    @property
+    def done(self) -> bool: ...
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (V,) -> a copy with the tokens the grammar forbids next at -inf."""
+        ...
+
+    def advance(self, token: int) -> None: ...
 
 
 class Job(Protocol):
@@ -75,6 +100,10 @@ class GenerateJob:
     text (Text events) and stop at its stop strings. ``close_id``: read after a stop string or
     ``max_tokens`` to close the turn. ``read_ids``: a list to fill with every id read after the
     prompt. ``on_token(id)``: called for every sampled id (stop ids included), before it is read.
+    ``constraint``: a grammar the answer must follow (sampling sees only the tokens it allows; when
+    it is complete the answer ends, finish ``"stop"``; its end tokens end the answer like stop ids,
+    even with ``ignore_eos``). ``logprobs``: None, or how many alternatives (0..20) each Token
+    event carries with its own logprob (see :class:`Token`).
 
     After the job: ``generated`` holds the answer's ids, ``finish_reason`` is ``"stop"`` or
     ``"length"`` (None while running or if never finished).
@@ -90,6 +119,8 @@ class GenerateJob:
         close_id: int | None = None,
         read_ids: list[int] | None = None,
         on_token: Callable[[int], None] | None = None,
+        constraint: LogitsConstraint | None = None,
+        logprobs: int | None = None,
     ) -> None:
         self.params = params
         self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids)
@@ -97,6 +128,8 @@ class GenerateJob:
         self.close_id = close_id
         self.read_ids: list[int] = read_ids if read_ids is not None else []
         self.on_token = on_token
+        self.constraint = constraint
+        self.logprobs = logprobs
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self._history = list(prompt_ids)
@@ -124,22 +157,38 @@ class GenerateJob:
         if len(self.generated) >= self.params.max_tokens:
             self._finish("length", self.close_id)
             return None
-        token = sample(logits, self.params, self._history, self._rng)
+        c = self.constraint
+        token = sample(logits if c is None else c.mask(logits), self.params, self._history, self._rng)
         if self.on_token is not None:
             self.on_token(token)
-        if token in self.stop_ids:
+        if token in self.stop_ids or (c is not None and token in c.eos_ids):
             self._finish("stop", None)
             return token  # read back: it closes the turn in memory
+        if c is not None:
+            c.advance(token)
         self.generated.append(token)
         self._history.append(token)
-        self._events.append(Token(token))
+        self._events.append(self._token_event(logits, token))
         if self.stream is not None:
             piece = self.stream.push(token)
             if piece:
                 self._events.append(Text(piece))
             if self.stream.stopped:
                 self._finish("stop", self.close_id)
+        if c is not None and c.done and self.finish_reason is None:
+            self._finish("stop", self.close_id)  # the grammar is complete: nothing more may follow
         return token
+
+    def _token_event(self, logits: torch.Tensor, token: int) -> Token:
+        """The Token event, with the raw model logprobs if asked (see :class:`Token`)."""
+        if self.logprobs is None:
+            return Token(token)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+        top: tuple[tuple[int, float], ...] = ()
+        if self.logprobs > 0:
+            values, ids = torch.topk(logprobs, min(self.logprobs, logprobs.numel()))
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return Token(token, float(logprobs[token]), top)
 
     def _finish(self, reason: str, closing: int | None) -> None:
         self.finish_reason = reason

@@ -2,15 +2,15 @@
 
 The converted model is shared with the other real-model tests through a symlink into the test data
 dir, so a server starts in seconds once the model was converted. The process logic is
-:class:`api.local_server.LocalServer`.
+:class:`memllm_api.local_server.LocalServer`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from api.local_server import LocalServer, link_models, memllm_command
 from memllm.testing import test_data_dir
+from memllm_api.local_server import LocalServer, link_models, memllm_command
 
 START_TIMEOUT_S = 240  # the first start may convert the bundled model
 

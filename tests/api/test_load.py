@@ -130,7 +130,7 @@ async def stream(client: httpx.AsyncClient, op: str, path: str, body: dict, rec:
             check_status(op, r)
         async for piece in r.aiter_text():
             buffer += piece
-            *events, buffer = buffer.split("\n\n")
+            *events, buffer = re.split(r"\r?\n\r?\n", buffer)  # events end in a blank line (CRLF or LF)
             new = [f for e in events for f in sse_frames(e)]
             frames += new
             if first is None and any(has_text(f) for f in new):

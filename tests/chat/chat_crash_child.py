@@ -20,7 +20,7 @@ import torch
 from chat_helpers import make_service, tiny_chat_model
 
 from memllm.sampling import SamplingParams
-from storage.store import MemoryStore
+from memllm_storage.store import MemoryStore
 
 PARAMS = SamplingParams(max_tokens=10)
 

@@ -33,9 +33,9 @@ def tiny_chat_model(seed: int = 0) -> LoadedModel:
 
 
 async def migrated_store(url: str, data_dir: Path):
-    from storage import migrate
-    from storage.engine import make_engine
-    from storage.store import MemoryStore
+    from memllm_storage import migrate
+    from memllm_storage.engine import make_engine
+    from memllm_storage.store import MemoryStore
 
     eng = make_engine(url)
     await migrate.upgrade(eng)

@@ -15,7 +15,7 @@ from chat_helpers import make_service
 from sqlalchemy import select
 from test_chat_sessions import PARAMS, _check_stream, _rows
 
-from storage.models import ChatSession
+from memllm_storage.models import ChatSession
 
 CHILD = Path(__file__).parent / "chat_crash_child.py"
 TURNS = 3

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from memllm.attention import StreamingAttention
 from memllm.chat import ChatError, SessionNotFoundError
 from memllm.sampling import SamplingParams
-from storage.models import MemoryBlockRow, Message
+from memllm_storage.models import MemoryBlockRow, Message
 
 PARAMS = SamplingParams(max_tokens=10)
 

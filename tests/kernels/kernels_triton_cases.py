@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, when run as a script
 
-from kernels import patterns as P
+from memllm_kernels import patterns as P
 
 # per-dtype tolerances on the output (atol = rtol); lse and masses are float32 sums
 OUT_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -119,8 +119,8 @@ def _compare(name: str, got: torch.Tensor | None, want: torch.Tensor | None, tol
 
 
 def run_attention_case(case: dict, device: str) -> dict:
-    from kernels.reference import pattern_attention
-    from kernels.triton_block_sparse import triton_attention
+    from memllm_kernels.reference import pattern_attention
+    from memllm_kernels.triton_block_sparse import triton_attention
 
     q, k, v = _inputs(case["shape"], case["dtype"], device, case.get("views", False))
     mass = case.get("mass", False)
@@ -169,8 +169,8 @@ def memory_inputs(case: dict, device: str):
 
 
 def run_memory_case(case: dict, device: str) -> dict:
-    from kernels.reference import memory_attention, pattern_attention
-    from kernels.triton_memory import triton_memory_attention
+    from memllm_kernels.reference import memory_attention, pattern_attention
+    from memllm_kernels.triton_memory import triton_memory_attention
 
     q, k, v, pool_k, pool_v, ids, kwargs = memory_inputs(case, device)
     mass = case.get("mass", False)
@@ -209,7 +209,7 @@ def main() -> None:
     torch.set_num_threads(1)
     import triton  # noqa: F401  (after the caller set TRITON_INTERPRET)
 
-    from kernels.triton_common import interpreting
+    from memllm_kernels.triton_common import interpreting
 
     report = {"interpreting": interpreting(), "cases": {}}
     for name in CASE_NAMES:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import patterns as P
-from kernels.cpu_blocked import blocked_attention, blocked_memory_attention
-from kernels.layouts import build_layout
-from kernels.reference import memory_attention, pattern_attention
+from memllm_kernels import patterns as P
+from memllm_kernels.cpu_blocked import blocked_attention, blocked_memory_attention
+from memllm_kernels.layouts import build_layout
+from memllm_kernels.reference import memory_attention, pattern_attention
 
 PATTERNS = [
     P.full(),

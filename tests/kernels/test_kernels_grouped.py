@@ -1,11 +1,11 @@
-"""kernels.grouped (the engine's dense CPU hot path) against the reference it promises to match."""
+"""memllm_kernels.grouped (the engine's dense CPU hot path) against the reference it promises to match."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.grouped import (
+from memllm_kernels.grouped import (
     FEW_QUERIES,
     causal_attention_with_lse,
     causal_attention_with_sampled_mass,
@@ -15,7 +15,7 @@ from kernels.grouped import (
     key_mass_from_lse,
     keys_attention_with_lse,
 )
-from kernels.reference import attention_with_lse
+from memllm_kernels.reference import attention_with_lse
 
 
 def _inputs(seed: int, tq: int, tk: int, dtype: torch.dtype):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import patterns as P
-from kernels.layouts import build_layout_uncached
-from kernels.patterns import random_table, token_mask
+from memllm_kernels import patterns as P
+from memllm_kernels.layouts import build_layout_uncached
+from memllm_kernels.patterns import random_table, token_mask
 
 PATTERNS = [
     P.full(),

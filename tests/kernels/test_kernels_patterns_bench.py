@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import patterns as P
-from kernels.reference import expand_kv
 from memllm.bench.patterns import (
     MemorySpec,
     PatternAttention,
@@ -24,6 +22,8 @@ from memllm.bench.patterns import (
 )
 from memllm.model import ModelConfig, Transformer
 from memllm.rope import Rope
+from memllm_kernels import patterns as P
+from memllm_kernels.reference import expand_kv
 
 CFG = ModelConfig(
     vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=48,

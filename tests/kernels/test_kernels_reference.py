@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import patterns as P
-from kernels.reference import (
+from memllm_kernels import patterns as P
+from memllm_kernels.reference import (
     attention_with_lse,
     block_mass,
     expand_kv,

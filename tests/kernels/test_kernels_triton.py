@@ -29,7 +29,7 @@ def interpreter_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not HAS_TRITON:
         pytest.skip("triton is not installed (it is in the dev extra): interpreter tests cannot run")
     out = tmp_path_factory.mktemp("triton") / "report.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT / 'kernels'}{os.pathsep}{ROOT}"}
     proc = subprocess.run(
         [sys.executable, str(HERE / "kernels_triton_cases.py"), "--device", "cpu", "--out", str(out)],
         env=env,
@@ -80,9 +80,9 @@ def test_triton_cuda_matches_reference(name: str) -> None:
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_triton_cuda_large_tiles(dtype: torch.dtype, head_dim: int) -> None:
     """GPU tiles (128 x 64) at a length with ragged tiles, every pattern kind."""
-    from kernels import patterns as P
-    from kernels.reference import pattern_attention
-    from kernels.triton_block_sparse import triton_attention
+    from memllm_kernels import patterns as P
+    from memllm_kernels.reference import pattern_attention
+    from memllm_kernels.triton_block_sparse import triton_attention
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, 1000, head_dim, generator=gen).to(dtype).cuda()
@@ -98,13 +98,13 @@ def test_triton_cuda_large_tiles(dtype: torch.dtype, head_dim: int) -> None:
 
 
 def test_bench_gpu_cpu_smoke(tmp_path: Path) -> None:
-    """`python -m kernels.bench_gpu --cpu-smoke` runs end to end (interpreter) and its checks pass."""
+    """`python -m memllm_kernels.bench_gpu --cpu-smoke` runs end to end (interpreter) and its checks pass."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed (it is in the dev extra)")
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'kernels'}{os.pathsep}{ROOT}"}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "kernels.bench_gpu", "--cpu-smoke", "--json", str(out)]
+    cmd = [sys.executable, "-m", "memllm_kernels.bench_gpu", "--cpu-smoke", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

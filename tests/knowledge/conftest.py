@@ -10,11 +10,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-# tests/storage (no __init__.py) can shadow the real `storage` package as a namespace package when
-# tests/ is on sys.path and the repository root is not: put the root first and drop such a shadow.
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
-if "storage" in sys.modules and getattr(sys.modules["storage"], "__file__", None) is None:
-    del sys.modules["storage"]
 
 from kb_helpers import service_at, tiny_engine
 

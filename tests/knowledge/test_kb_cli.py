@@ -11,8 +11,8 @@ from kb_helpers import PARAGRAPHS, TINY_MEMORY, shared_embedder
 
 from memllm.knowledge import cli as kcli
 from memllm.settings import Settings
-from storage import migrate
-from storage.engine import make_engine
+from memllm_storage import migrate
+from memllm_storage.engine import make_engine
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from kb_helpers import PARAGRAPHS
 from sqlalchemy import func, select
 
 from memllm.knowledge.service import KnowledgeError
-from storage import Owner
-from storage.models import Chunk, Document, MemoryBlockRow
+from memllm_storage import Owner
+from memllm_storage.models import Chunk, Document, MemoryBlockRow
 
 OLD = "The secret ingredient of the harbour soup is saffron from the eastern hills."
 NEW = "The secret ingredient of the harbour soup is nutmeg from the island market."

@@ -1,4 +1,4 @@
-"""BM25, Porter stemming, fusion and hybrid ranking (real sentence embedder)."""
+"""BM25 (bm25s), Porter stemming (PyStemmer), fusion and hybrid ranking (real sentence embedder)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from kb_helpers import shared_embedder
 
-from memllm.knowledge.bm25 import BM25Index, analyze
-from memllm.knowledge.porter import stem
-from memllm.knowledge.ranking import HybridIndex, fuse
+from memllm.knowledge.analysis import analyze, stem, stem_words
+from memllm.knowledge.lexical import BM25Index
+from memllm.knowledge.ranking import HybridIndex, fuse, top_indices
 
 
 @pytest.mark.parametrize(
@@ -24,10 +24,13 @@ from memllm.knowledge.ranking import HybridIndex, fuse
         ("effective", "effect"),
         ("adjustment", "adjust"),
         ("sky", "sky"),
+        ("is", "is"),  # words of one or two letters are not stemmed
+        ("s", "s"),
     ],
 )
 def test_porter(word, expected):
     assert stem(word) == expected
+    assert stem_words(["the", word]) == ["the", expected]
 
 
 def test_analyze_lowercases_stems_and_drops_stopwords():
@@ -39,15 +42,49 @@ def test_bm25_matches_hand_computed_score():
     idx = BM25Index(docs, k1=1.2, b=0.75)
     lengths = [3, 2, 4]
     avgdl = sum(lengths) / 3
-    # "apple": df=1, tf=2 in doc 0
+    # "apple": df=1, tf=2 in doc 0; Lucene's BM25 (no constant k1 + 1 factor)
     idf = math.log(1 + (3 - 1 + 0.5) / (1 + 0.5))
-    expected = idf * 2 * 2.2 / (2 + 1.2 * (1 - 0.75 + 0.75 * 3 / avgdl))
+    expected = idf * 2 / (2 + 1.2 * (1 - 0.75 + 0.75 * 3 / avgdl))
     s = idx.scores("apple")
+    assert s.dtype == np.float32 and s.shape == (3,)
     assert s[0] == pytest.approx(expected, rel=1e-5)
     assert s[1] == 0 and s[2] == 0
-    top, _ = idx.top("cherry banana", 3)
+    assert idx.scores("apple apple")[0] == pytest.approx(2 * expected, rel=1e-5)  # a repeated term counts twice
+    both = idx.scores("cherry banana")
+    top = top_indices(both, 3)
     assert set(top.tolist()) == {0, 1, 2} and top[0] == 1  # doc 1 has both terms
     assert idx.scores("zzz unknown").sum() == 0
+
+
+def test_bm25_ranks_the_lexical_match_first():
+    docs = [
+        "The weather in the mountains was cold and windy all week.",
+        "Mitochondrial DNA mutations cause several inherited metabolic disorders.",
+        "A recipe for bread with flour, water, salt and yeast.",
+        "Stock prices rose after the quarterly earnings report.",
+    ]
+    idx = BM25Index(docs)
+    s = idx.scores("which mutations of mitochondrial dna are inherited?")
+    assert int(np.argmax(s)) == 1 and s[1] > 0
+    assert np.count_nonzero(s) == 1  # no other document shares a term
+    # stemming matches other forms of a word: "mutated" ~ "mutations", "breads" ~ "bread"
+    assert int(np.argmax(idx.scores("mutated"))) == 1
+    assert int(np.argmax(idx.scores("Breads"))) == 2
+
+
+def test_bm25_edge_cases_score_zero_without_error():
+    empty = BM25Index([])
+    assert len(empty) == 0 and empty.scores("anything").shape == (0,)
+    no_terms = BM25Index(["", "the and of", "!!!"])  # nothing but stopwords and punctuation
+    assert no_terms.scores("the query").tolist() == [0.0, 0.0, 0.0]
+    idx = BM25Index(["apple pie", "", "banana split"])
+    for query in ("", "   ", "the of and", "zyxwvut qqqq", "?!"):
+        s = idx.scores(query)
+        assert s.shape == (3,) and not s.any()
+    assert idx.scores("apple")[1] == 0  # an empty document never matches
+    index = HybridIndex(["apple pie", "banana split"], np.eye(2, dtype=np.float32))
+    assert index.rank("zzz", None, 5, "bm25") == []
+    assert [r.index for r in index.rank("zzz", np.array([0, 1], np.float32), 1, "hybrid")] == [1]
 
 
 def test_minmax_and_rrf_fusion():

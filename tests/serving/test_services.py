@@ -18,9 +18,6 @@ from memllm.serving import Scheduler
 TESTS = Path(__file__).resolve().parents[1]
 for sub in ("chat", "knowledge"):
     sys.path.insert(0, str(TESTS / sub))
-sys.path.insert(1, str(TESTS.parent))  # see tests/knowledge/conftest.py: the real `storage` first
-if "storage" in sys.modules and getattr(sys.modules["storage"], "__file__", None) is None:
-    del sys.modules["storage"]
 
 from chat_helpers import SMALL_MEMORY, make_service, migrated_store, tiny_chat_model  # noqa: E402
 from kb_helpers import PARAGRAPHS, service_at  # noqa: E402

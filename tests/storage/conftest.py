@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from storage_helpers import store_for
 
-from storage import migrate
-from storage.engine import make_engine
+from memllm_storage import migrate
+from memllm_storage.engine import make_engine
 
 PG_ADMIN = os.environ.get("MEMLLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

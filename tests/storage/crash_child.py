@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from storage_helpers import ingest_doc, store_for
 
-from storage.owners import Owner
+from memllm_storage.owners import Owner
 
 
 async def main(url: str, schema: str | None, data_dir: str, kb_id: int, scenario: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from memllm.memory.types import BlockLayout, MemoryBlock
-from storage.engine import make_engine
-from storage.store import MemoryStore
+from memllm_storage.engine import make_engine
+from memllm_storage.store import MemoryStore
 
 LAYOUT = BlockLayout(layers=(0, 2), n_kv_heads=2, head_dim=8, block_size=16, representatives=4)
 
@@ -40,7 +40,7 @@ def store_for(url: str, schema: str | None, data_dir: Path, **kwargs) -> MemoryS
 
 async def ingest_doc(store: MemoryStore, kb_id: int, doc_no: int, n_blocks: int = 3) -> int:
     """One document, its chunks and blocks in one all-or-nothing write; returns the document id."""
-    from storage.owners import Owner
+    from memllm_storage.owners import Owner
 
     blocks = doc_blocks(doc_no, n_blocks)
     async with store.writer(Owner.kb(kb_id), LAYOUT, model="test-model") as w:

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import func, select
 from storage_helpers import LAYOUT, doc_blocks, ingest_doc, store_for
 
-from storage import Owner
-from storage.index_files import load_index
-from storage.models import Chunk, Document, MemoryBlockRow
-from storage.repositories import KnowledgeBaseRepository
+from memllm_storage import Owner
+from memllm_storage.index_files import load_index
+from memllm_storage.models import Chunk, Document, MemoryBlockRow
+from memllm_storage.repositories import KnowledgeBaseRepository
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -41,7 +41,7 @@ def _run_child(url: str, schema: str | None, data_dir: Path, kb: int, scenario: 
         MEMLLM_CRASHPOINT=point,
         MEMLLM_CRASHPOINT_SKIP=str(skip),
         MEMLLM_CRASHPOINT_ACTION="pause",
-        PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}",
+        PYTHONPATH=os.pathsep.join(map(str, (ROOT, ROOT / "storage", HERE))),
     )
     child = subprocess.Popen(
         [sys.executable, str(HERE / "crash_child.py"), url, schema or "-", str(data_dir), str(kb), scenario],
@@ -185,7 +185,7 @@ async def test_two_processes_write_one_owner_concurrently(migrated, tmp_path):
     url, schema = migrated
     data_dir = tmp_path / "data"
     kb = await _new_kb(url, schema, data_dir)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (ROOT, ROOT / "storage", HERE))))
     env.pop("MEMLLM_CRASHPOINT", None)
     children = [
         subprocess.Popen(

@@ -6,9 +6,9 @@ import numpy as np
 from sqlalchemy import func, select
 from storage_helpers import LAYOUT, doc_blocks, ingest_doc, make_block, store_for
 
-from storage import Owner
-from storage.models import Chunk, IndexState, MemoryBlockRow
-from storage.repositories import KnowledgeBaseRepository, SessionRepository
+from memllm_storage import Owner
+from memllm_storage.models import Chunk, IndexState, MemoryBlockRow
+from memllm_storage.repositories import KnowledgeBaseRepository, SessionRepository
 
 
 async def test_delete_document_then_compact(store, migrated, tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from storage.repositories import (
+from memllm_storage.repositories import (
     ApiKeyRepository,
     ChunkRepository,
     DocumentRepository,

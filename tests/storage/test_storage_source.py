@@ -5,9 +5,9 @@ import pytest
 from storage_helpers import LAYOUT, doc_blocks, ingest_doc, make_block, store_for
 
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView, WritableMemorySource, split_view_id
-from storage import LayoutMismatchError, Owner
-from storage.repositories import KnowledgeBaseRepository, SessionRepository
-from storage.source import PENDING_BASE
+from memllm_storage import LayoutMismatchError, Owner
+from memllm_storage.repositories import KnowledgeBaseRepository, SessionRepository
+from memllm_storage.source import PENDING_BASE
 
 
 async def _kb(store, name="kb") -> int:
@@ -168,7 +168,7 @@ async def test_failed_write_leaves_nothing(store):
     assert payload.stat().st_size == size
     assert src.num_blocks() == 3
     async with store.sessions() as s:
-        from storage.repositories import DocumentRepository
+        from memllm_storage.repositories import DocumentRepository
 
         assert [d.source_name for d in await DocumentRepository(s).list(kb)] == ["doc-0.txt"]
     planted = doc_blocks(5)[0].representatives[0, 0][None] * 10

@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the storage schema (run through :mod:`memllm_storage.migrate`)."""

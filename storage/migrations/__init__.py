@@ -1,1 +1,0 @@
-"""Alembic migration scripts of the storage schema (run through :mod:`storage.migrate`)."""
