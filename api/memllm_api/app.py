@@ -2,7 +2,8 @@
 
 Process-wide objects (model, storage, services, scheduler) are made once in the lifespan
 (api/memllm_api/core.py); handlers are thin and reach them through the request. Every error answers in
-OpenAI's ``{"error": {...}}`` shape (api/memllm_api/errors.py).
+OpenAI's ``{"error": {...}}`` shape (api/memllm_api/errors.py). App-wide guards
+(api/memllm_api/guards.py) refuse foreign hosts, cross-site and proxied requests and non-JSON bodies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from memllm_api.auth import RateLimiter, provide_caller
 from memllm_api.config import ApiSettings
 from memllm_api.core import Core, lifespan_for
 from memllm_api.errors import handle_exception
+from memllm_api.guards import metrics_guard, network_guard
 from memllm_api.metrics import Metrics, MetricsMiddleware
 from memllm_api.routes.knowledge import KnowledgeController
 from memllm_api.routes.openai import OpenAIController
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None, api: ApiSettings | None = None)
             SessionController,
         ],
         dependencies={"caller": Provide(provide_caller)},
+        guards=[network_guard, metrics_guard],  # api/memllm_api/guards.py: hosts, proxies, cross-site, types
         lifespan=[lifespan_for(core)],
         exception_handlers={Exception: handle_exception},
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=core.metrics)],

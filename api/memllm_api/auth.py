@@ -55,7 +55,7 @@ class RateLimiter:
 async def provide_caller(request: Request) -> Caller:
     """Dependency ``caller``: authenticates the request and applies the per-key rate limit."""
     core = get_core(request)
-    caller = await _authenticate(request) if core.api.auth_required else Caller(None)
+    caller = await authenticate(request) if core.api.auth_required else Caller(None)
     wait = request.app.state.rate_limiter.take(caller.rate_key if core.api.auth_required else _client(request))
     if wait > 0:
         limit = core.api.rate_limit_per_minute
@@ -69,7 +69,8 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "local"
 
 
-async def _authenticate(request: Request) -> Caller:
+async def authenticate(request: Request) -> Caller:
+    """The caller of ``Authorization: Bearer <key>``; 401 when the key is missing, unknown or revoked."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():

@@ -27,6 +27,8 @@ class ApiSettings:
     max_batch: int = 16  # streams decoded together by the scheduler
     demo_kb: bool = True  # create the "demo" knowledge base from the bundled sample document at start
     migrate: bool = True  # bring the database to the code's schema at start (off: refuse an old one)
+    allowed_hosts: str = ""  # Host names served (comma list, "*" all, "*.example.com"); "": loopback + bind host
+    allowed_origins: str = ""  # other origins (scheme://host[:port]) whose browser pages may change state
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -42,6 +44,17 @@ class ApiSettings:
     def auth_required(self) -> bool:
         return self.auth == "on" or (self.auth == "auto" and not is_loopback(self.host))
 
+    @property
+    def host_allow_list(self) -> tuple[str, ...]:
+        """Host names (no port, no brackets, lower case) whose requests are served; ``*`` matches all."""
+        names = _split(self.allowed_hosts) or (self.host, *LOOPBACK_NAMES)
+        return tuple(dict.fromkeys(n.strip("[]").rstrip(".").lower() for n in names if n))
+
+    @property
+    def origin_allow_list(self) -> frozenset[str]:
+        """Origins besides the request's own that may send state-changing requests (``*``: any)."""
+        return frozenset(o.rstrip("/").lower() for o in _split(self.allowed_origins))
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> ApiSettings:
         env = os.environ if environ is None else environ
@@ -51,6 +64,13 @@ class ApiSettings:
 
     def replace(self, **changes: object) -> ApiSettings:
         return dataclasses.replace(self, **changes)
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _split(spec: str) -> list[str]:
+    return [part.strip() for part in spec.split(",") if part.strip()]
 
 
 def is_loopback(host: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from memllm.chat.service import ChatError, SessionNotFoundError
+from memllm.chat.service import ChatError, SessionConflictError, SessionNotFoundError
 from memllm.knowledge.parsing import BadDocumentError
 from memllm.knowledge.service import KnowledgeError
 from memllm_storage.repositories import NotFoundError
@@ -59,6 +59,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, (SessionNotFoundError, NotFoundError)):
         return ApiError(404, str(exc), "not_found")
+    if isinstance(exc, SessionConflictError):  # another process committed to the session: retry
+        return ApiError(409, str(exc), "conflict")
     if isinstance(exc, (KnowledgeError, ChatError, BadDocumentError)):
         return ApiError(400, str(exc), "bad_request")
     if isinstance(exc, ValidationException):
@@ -67,6 +69,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         err = ApiError(exc.status_code, str(exc.detail), _http_code(exc.status_code))
         err.headers = dict(exc.headers or {})
         return err
+    if isinstance(exc, RecursionError):  # a JSON body nested thousands of levels (the decoder recurses)
+        return ApiError(400, "invalid request: the body is nested too deeply", "too_deep")
     log.exception("unexpected error", exc_info=exc)
     return ApiError(500, "internal error (logged on the server)", "internal_error")
 

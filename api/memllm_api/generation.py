@@ -9,6 +9,7 @@ model work: the scheduler drops the stream at its next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -44,9 +45,15 @@ class Generation:
     def __init__(self, core: Any) -> None:
         self.core = core
         self.outcome = Outcome()
+        self._timed_out = False
 
     def pieces(self) -> AsyncIterator[str]:
         raise NotImplementedError
+
+    def cut(self) -> bool:
+        """Called at the request time limit: True if the generation ends itself soon and must be
+        read to its end (a session turn records its truncated reply), False to close it now."""
+        return False
 
     async def stream(self) -> AsyncIterator[str]:
         """``pieces()`` under the request time limit; records time to first token and tokens/s."""
@@ -54,31 +61,44 @@ class Generation:
         deadline = t0 + self.core.api.request_timeout_s
         texts: list[str] = []
         it = self.pieces()
-        timed_out = False
         try:
-            while True:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    timed_out = True
-                    break
-                try:
-                    piece = await asyncio.wait_for(anext(it), timeout=left)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    timed_out = True
-                    break
+            while (piece := await self._next(it, deadline)) is not None:
                 if self.outcome.ttft_s is None:
                     self.outcome.ttft_s = time.perf_counter() - t0
                 texts.append(piece)
                 yield piece
         finally:
             await it.aclose()
-        if timed_out:
+        if self._timed_out:
             self.outcome.finish_reason = "length"
         if not self.outcome.text:
             self.outcome.text = "".join(texts)
         self._observe(time.perf_counter() - t0)
+
+    async def _next(self, it: AsyncIterator[str], deadline: float) -> str | None:
+        """The next piece; None at the end, or at the time limit for a generation that cannot be
+        :meth:`cut` (one that can is read on, without a limit, to its end)."""
+        if not self._timed_out and time.perf_counter() >= deadline and not self._time_up():
+            return None
+        task = asyncio.ensure_future(anext(it))
+        try:
+            if not self._timed_out:
+                await asyncio.wait({task}, timeout=deadline - time.perf_counter())
+                if not task.done() and not self._time_up():
+                    return None
+            return await task
+        except StopAsyncIteration:
+            return None
+        finally:
+            if not task.done():  # closing: the generation stops at its await (the model work is cancelled)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _time_up(self) -> bool:
+        """Mark the time limit reached; whether the generation goes on to its end (:meth:`cut`)."""
+        self._timed_out = True
+        return self.cut()
 
     def _observe(self, seconds: float) -> None:
         metrics = getattr(self.core, "metrics", None)
@@ -107,6 +127,18 @@ class TurnGeneration(Generation):
     def __init__(self, core: Any, session_id: int, text: str, params: SamplingParams) -> None:
         super().__init__(core)
         self.turn = core.chat.turn(session_id, text, params, trace=True)
+
+    def cut(self) -> bool:
+        """The turn ends at its next token and records the reply so far (finish reason "length").
+        One that has not started replying (waiting on its session) is closed, recording nothing:
+        the request fails (503) rather than answer a reply that no one will remember."""
+        if self.turn.cut():
+            return True
+        from memllm_api.errors import ApiError
+
+        raise ApiError(
+            503, "the session turn did not start within the request time limit; nothing was recorded", "timeout"
+        )
 
     async def pieces(self) -> AsyncIterator[str]:
         async for piece in self.turn.stream():

@@ -1,8 +1,9 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process).
 
 Requests and latency by route template, time to first token, generated tokens, queue depth and
-batch size of the scheduler, memory blocks per owner and kNN search latency. ``GET /metrics``
-renders them in the text exposition format.
+batch size of the scheduler, memory blocks by owner kind and kNN search latency. ``GET /metrics``
+renders them in the text exposition format. No label names a tenant, a knowledge base or a session
+(any tenant's key may read them when auth is on): routes are templates, memory is summed by kind.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Metrics:
         self.active_streams = Gauge("memllm_scheduler_active_streams", "streams being generated", registry=r)
         self.jobs = Gauge("memllm_scheduler_jobs", "generation jobs since start, by outcome", ["state"], registry=r)
         self.decode_steps = Gauge("memllm_scheduler_decode_steps", "batched decode steps since start", registry=r)
-        self.memory_blocks = Gauge("memllm_memory_blocks", "memory blocks per owner", ["owner"], registry=r)
+        self.memory_blocks = Gauge(
+            "memllm_memory_blocks", "memory blocks, summed by owner kind (kb, session)", ["kind"], registry=r
+        )
         self.knn_latency = Histogram(
             "memllm_knn_search_seconds",
             "kNN search latency (one layer, one search)",
@@ -89,9 +92,12 @@ class Metrics:
             self.model_threads.set(stats.threads)
         store = getattr(core, "store", None)
         if store is not None:
-            self.memory_blocks.clear()
+            totals: dict[str, int] = {}
             for owner, src in store.sources().items():
-                self.memory_blocks.labels(owner=f"{owner.kind}-{owner.id}").set(src.num_blocks())
+                totals[owner.kind] = totals.get(owner.kind, 0) + src.num_blocks()
+            self.memory_blocks.clear()
+            for kind, blocks in totals.items():
+                self.memory_blocks.labels(kind=kind).set(blocks)
 
 
 class MetricsMiddleware:

@@ -36,11 +36,13 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from memllm.attention import MemoryTrace, StreamingAttention, block_layout
 from memllm.chat.spill import Snapshot, SpillStamp, StateSpill
@@ -49,14 +51,14 @@ from memllm.conversation import ChatCursor, ChatTemplate, reply_job
 from memllm.engine import Engine
 from memllm.memory.source import InMemorySource, MemorySource, MemoryView
 from memllm.sampling import SamplingParams
-from memllm.serving.jobs import Text, run_job
+from memllm.serving.jobs import GenerateJob, Text, run_job
 from memllm.settings import chat_memory_changes, get_settings
 from memllm.textstream import TextStream
 from memllm_storage.models import Chunk, Document, Message
 from memllm_storage.owners import Owner
-from memllm_storage.repositories import MessageRepository, NotFoundError, SessionRepository
+from memllm_storage.repositories import MessageRepository, NotFoundError, SessionRepository, parse_id
 from memllm_storage.source import PENDING_BASE, PersistentSource
-from memllm_storage.store import MemoryStore
+from memllm_storage.store import LayoutMismatchError, MemoryStore
 
 if TYPE_CHECKING:
     from memllm.serving.scheduler import Scheduler
@@ -74,6 +76,13 @@ class ChatError(ValueError):
 
 class SessionNotFoundError(ChatError, LookupError):
     pass
+
+
+class SessionConflictError(ChatError):
+    """A turn's commit found the session moved on (another process committed to it meanwhile).
+
+    Nothing of the turn is recorded and its live state is dropped; retrying the turn is safe (it
+    reads the session as committed)."""
 
 
 @dataclass
@@ -165,6 +174,8 @@ class _Live:
     cursor: ChatCursor
     spans: list[tuple[int, int, int]]  # (token_start, token_end, message id) of messages in the window
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting_kbs: list[int] = field(default_factory=list)  # knowledge bases with no memory yet
+    dropped: bool = False  # forgotten (drop_live): a turn that waited on its lock must reload
 
     def message_at(self, position: int) -> int | None:
         i = bisect.bisect_right([s for s, _, _ in self.spans], position) - 1
@@ -278,8 +289,8 @@ class ChatService:
         """A session by name, or by id (``"#12"`` or an int)."""
         if isinstance(ref, int):
             return await self.get(ref)
-        if ref.startswith("#") and ref[1:].isdigit():
-            return await self.get(int(ref[1:]))
+        if ref.startswith("#") and (session_id := parse_id(ref[1:])) is not None:
+            return await self.get(session_id)
         found = await self.find(ref, tenant_id)
         if found is None:
             raise SessionNotFoundError(f"no session named {ref!r}")
@@ -326,13 +337,18 @@ class ChatService:
         an earlier spill that still matches the database, or rebuilt from it, on use."""
         if session_id is None:
             for live in self._live.values():
-                if live.source is not None:
-                    live.source.discard_pending()
+                _forget(live)
             self._live.clear()
         else:
             live = self._live.pop(session_id, None)
-            if live is not None and live.source is not None:
-                live.source.discard_pending()
+            if live is not None:
+                _forget(live)
+
+    def _drop(self, live: _Live) -> None:
+        """Forget this live state (not spilled); the cache's entry too if it is still this one."""
+        if self._live.get(live.session_id) is live:
+            del self._live[live.session_id]
+        _forget(live)
 
     # ------------------------------------------------------------------------- export/import
     async def export(self, session_id: int) -> dict[str, Any]:
@@ -379,9 +395,8 @@ class ChatService:
     async def append_messages(self, session_id: int, messages: Sequence[dict[str, Any]], progress=None) -> list[int]:
         """Read messages into the session without answering (history, import); one commit per
         message. Returns their ids. ``progress(n_tokens)`` is called after each message."""
-        live = await self._get_live(session_id)
         ids_out = []
-        async with live.lock:
+        async with self._hold(session_id) as live:
             try:
                 for m in messages:
                     msg = {"role": m["role"], "content": m["content"]}
@@ -394,7 +409,7 @@ class ChatService:
                     if progress is not None:
                         progress(len(ids))
             except BaseException:
-                self.drop_live(session_id)
+                self._drop(live)
                 raise
         return ids_out
 
@@ -446,6 +461,34 @@ class ChatService:
         self._trim_cache()
         return live
 
+    @asynccontextmanager
+    async def _hold(self, session_id: int) -> AsyncIterator[_Live]:
+        """The session's current live state, its lock held: one that a failed turn dropped while
+        this one waited, or that is behind the committed rows (another process's turn), is
+        replaced by a fresh one (restored from the spill or rebuilt)."""
+        while True:
+            live = await self._get_live(session_id)
+            await live.lock.acquire()
+            try:
+                if not live.dropped and await self._in_step(live):
+                    break
+            except BaseException:
+                live.lock.release()
+                raise
+            live.lock.release()
+            if not live.dropped:
+                log.info("session %d: committed elsewhere since its live state was read; reloading", session_id)
+                self._drop(live)
+        try:
+            yield live
+        finally:
+            live.lock.release()
+
+    async def _in_step(self, live: _Live) -> bool:
+        """Whether the committed stream ends where the live state's cursor does."""
+        async with self.store.sessions() as db:
+            return await _stream_end(db, live.session_id) == (live.cursor.count, live.cursor.n_tokens)
+
     def _trim_cache(self) -> None:
         """Drop the least recently used idle live states beyond ``max_live``, spilling them in the
         background (the turn that made room does not wait for the write)."""
@@ -475,7 +518,7 @@ class ChatService:
         try:
             async with live.lock:  # a turn that got this state before it left the cache waits
                 state = live.state
-                if state.n_tokens != live.cursor.n_tokens:
+                if live.dropped or state.n_tokens != live.cursor.n_tokens:
                     log.warning("session %d: live state out of step with its stream; not spilled", sid)
                     return
                 window = await self._committed_window(sid, live.source, state.n_tokens)
@@ -491,10 +534,28 @@ class ChatService:
                 del self._spilling[sid]
 
     async def _refresh(self, live: _Live) -> None:
+        """Catch the live state's sources up with commits, and attach the knowledge bases whose
+        first blocks were committed since it was read."""
         if live.source is not None:
             await live.source.refresh()
         for _, src in live.kb_sources:
             await src.refresh()
+        if live.waiting_kbs:
+            ready, live.waiting_kbs = await self._open_kbs(live.waiting_kbs)
+            for kb in ready:
+                _attach(live.state, kb[1])
+            live.kb_sources += ready
+
+    async def _open_kbs(self, kb_ids: Sequence[int]) -> tuple[list[tuple[int, PersistentSource]], list[int]]:
+        """The knowledge bases' sources, and the ids of those with no memory yet (a first upload
+        still ingesting): a turn answers from what exists and reads them once they have blocks."""
+        ready, waiting = [], []
+        for k in kb_ids:
+            try:
+                ready.append((k, await self.store.open_source(Owner.kb(k))))
+            except LayoutMismatchError:  # no layout stored: nothing ingested yet
+                waiting.append(k)
+        return ready, waiting
 
     async def _committed_window(self, session_id: int, source: PersistentSource | None, n: int) -> _Window:
         """The sinks and window that a state holding the ``n``-token committed stream holds."""
@@ -535,7 +596,7 @@ class ChatService:
         """The live state of a session from its committed rows: its spilled state if that matches
         them, else its sinks and window re-read (see module docstring)."""
         info = await self.get(session_id)
-        kb_sources = [(k, await self.store.open_source(Owner.kb(k))) for k in info.kb_ids]
+        kb_sources, waiting_kbs = await self._open_kbs(info.kb_ids)
         source = None
         if self.mode == "memory":
             source = await self.store.open_source(Owner.session(session_id), self.layout)
@@ -568,7 +629,7 @@ class ChatService:
         spans = [(r.token_start, r.token_end, r.id) for r in rows if r.token_end > local_start]
         how = "restored the spilled" if spilled is not None else "rebuilt the live"
         log.info("session %d: %s window (%d + %d tokens of %d)", session_id, how, len(head), len(tail), n)
-        return _Live(session_id, state, source, kb_sources, cursor, spans)
+        return _Live(session_id, state, source, kb_sources, cursor, spans, waiting_kbs=waiting_kbs)
 
     def _reread(
         self,
@@ -619,6 +680,7 @@ class ChatService:
         new_spans, row_ids = [], []
         owner = Owner.session(live.session_id)
         async with self.store.writer(owner, self.layout, model=self.engine.loaded.name) as w:
+            await _check_end(w.session, live)
             pos = live.cursor.n_tokens
             for msg, ids, owed, created_at in entries:
                 row = await w.messages.append(
@@ -659,13 +721,26 @@ class Turn:
         self.ephemeral = ephemeral
         self.want_trace = trace
         self.result: TurnResult | None = None
+        self._job: GenerateJob | None = None
+        self._cut = False
+
+    def cut(self) -> bool:
+        """End the reply early but record it (a time limit): the reply finishes as if it had
+        reached ``max_tokens`` (finish reason ``"length"``, the end-of-turn marker read) at its next
+        token, and the turn commits what was generated; keep reading :meth:`stream` to its end.
+        False if the reply has not started (the turn still waits on its session): a reply that
+        starts later is empty."""
+        self._cut = True
+        if self._job is None:
+            return False
+        _cut_job(self._job)
+        return True
 
     async def stream(self) -> AsyncIterator[str]:
         svc, engine = self.service, self.service.engine
         t0 = time.perf_counter()
         ttft: list[float] = []
-        live = await svc._get_live(self.session_id)
-        async with live.lock:
+        async with svc._hold(self.session_id) as live:
             done = False
             try:
                 await svc._refresh(live)
@@ -687,7 +762,9 @@ class Turn:
                     if not ttft:
                         ttft.append(time.perf_counter() - t0)
 
-                job = reply_job(engine, ids, self.params, stream, read_ids, on_token)
+                job = self._job = reply_job(engine, ids, self.params, stream, read_ids, on_token)
+                if self._cut:
+                    _cut_job(job)
                 if svc.scheduler is None:
                     for event in run_job(engine, state, job, ids):
                         if isinstance(event, Text):
@@ -709,8 +786,9 @@ class Turn:
                     )
                 done = True
             finally:
+                self._job = None
                 if not done and not self.ephemeral:
-                    svc.drop_live(self.session_id)  # the state read a turn that was not recorded
+                    svc._drop(live)  # the state read a turn that was not recorded
         generated = len(read_ids) - (1 if state.finish_reason else 0)
         self.result = TurnResult(
             session_id=self.session_id,
@@ -778,6 +856,49 @@ class Turn:
                 )
             citations = sorted(seen.values(), key=lambda c: -c.mass)
         return entries, citations
+
+
+def _cut_job(job: GenerateJob) -> None:
+    """Make a running reply job finish at its next token as if ``max_tokens`` were reached (safe
+    from the event loop while the model thread runs it: one attribute assignment)."""
+    job.params = dataclasses.replace(job.params, max_tokens=len(job.generated))
+
+
+def _forget(live: _Live) -> None:
+    """Mark a live state dropped (a turn waiting on its lock reloads) and discard its pending blocks."""
+    live.dropped = True
+    if live.source is not None:
+        live.source.discard_pending()
+
+
+def _attach(state: StreamingAttention, source: MemorySource) -> None:
+    """Let ``state`` retrieve from one more source (read-only; evictions still go to its sink)."""
+    memory = state.memory
+    if memory is None:  # window mode: no retrieval
+        return
+    if isinstance(memory, MemoryView):
+        memory.sources.append(source)
+    else:
+        state.memory = MemoryView([memory, source])
+
+
+async def _stream_end(db: AsyncSession, session_id: int) -> tuple[int, int]:
+    """(message count, token end) of the session's committed stream, from its last message row."""
+    q = select(Message.ordinal, Message.token_end).where(Message.session_id == session_id)
+    last = (await db.execute(q.order_by(Message.ordinal.desc()).limit(1))).first()
+    return (0, 0) if last is None else (int(last[0]) + 1, int(last[1]))
+
+
+async def _check_end(db: AsyncSession, live: _Live) -> None:
+    """Refuse a commit at a position the committed stream has left (inside the writer's
+    transaction, which holds the session's lock across processes)."""
+    found = await _stream_end(db, live.session_id)
+    expected = (live.cursor.count, live.cursor.n_tokens)
+    if found != expected:
+        raise SessionConflictError(
+            f"session {live.session_id} changed while this turn ran (committed: {found[0]} messages, "
+            f"{found[1]} tokens; this turn read {expected[0]}, {expected[1]}); nothing was recorded, retry the turn"
+        )
 
 
 def _info(row: Any, count: int) -> SessionInfo:

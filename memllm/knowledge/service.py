@@ -7,9 +7,14 @@ Transactions (the service owns them):
   ``pending`` / ``parsing`` / ``encoding`` (or ``error`` with a message) and no content.
 * Re-ingesting a source name whose ``ready`` version has the same content hash is skipped. A
   changed version is read completely first; the old version stays searchable until the write that
-  deletes it (rows, blocks, vectors) and adds the new one commits: the replace is atomic.
+  deletes its chunks, blocks and vectors and adds the new ones commits: the replace is atomic, and
+  the document keeps its id. Ingestions of one name run one at a time in a process (the later text
+  wins); across processes the unique (kb, name) row is shared and the last commit wins.
 * Deleting a document removes its rows, blocks and vectors in one write; the chunk search index
-  checks the database before every search, so deleted content is never returned or cited.
+  checks the database before every search, so deleted content is never returned or cited. An
+  ingestion whose row was deleted while it read writes nothing (checked in its final write, under
+  the owner's write lock) and ends ``deleted``. Payload files are compacted once more than half of
+  their bytes are dead; files a crashed delete left behind go at the next :meth:`recover_interrupted`.
 
 Model work: with a :class:`~memllm.serving.scheduler.Scheduler` (a server), answers are jobs on
 its model thread, decoded in one batch with every other running stream, and ingestion is one of its
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from memllm.knowledge.chunk_index import ChunkIndex, ChunkIndexCache, ChunkRef
 from memllm.knowledge.chunking import TokenMap, chunk_text
@@ -52,6 +58,7 @@ from memllm.knowledge.sources import FilteredSource
 from memllm.knowledge.staging import (
     READING_STATUSES,
     IngestStaging,
+    KeyedLocks,
     StagedText,
     interrupted_ids,
     interrupted_message,
@@ -62,7 +69,7 @@ from memllm.serving.jobs import GenerateJob, Text, run_job
 from memllm.textstream import TextStream
 from memllm_storage import MemoryStore, NotFoundError, Owner
 from memllm_storage.models import Document, KnowledgeBase, MemoryBlockRow
-from memllm_storage.repositories import ChunkRepository, DocumentRepository, KnowledgeBaseRepository
+from memllm_storage.repositories import ChunkRepository, DocumentRepository, KnowledgeBaseRepository, parse_id
 from memllm_storage.store import LayoutMismatchError
 
 if TYPE_CHECKING:
@@ -79,11 +86,15 @@ class KnowledgeError(ValueError):
     """A request the knowledge service cannot serve (unknown KB, empty KB, bad argument)."""
 
 
+class DocumentDeletedError(Exception):
+    """The document an ingestion was reading was deleted meanwhile (internal to ingestion)."""
+
+
 # ----------------------------------------------------------------------------------------- results
 @dataclass
 class IngestResult:
     source_name: str
-    status: str  # ready | skipped | error
+    status: str  # ready | skipped | error | deleted (deleted while it was read: nothing written)
     document_id: int | None = None
     replaced_id: int | None = None
     error: str | None = None
@@ -316,6 +327,7 @@ class KnowledgeService:
         self.chunks = ChunkIndexCache(store.data_dir, self.embedder)
         self.staging = IngestStaging(store.data_dir / "ingest")
         self._model_lock = threading.Lock()
+        self._name_locks = KeyedLocks()  # one ingestion per (kb id, document name) at a time
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -412,8 +424,8 @@ class KnowledgeService:
                 return kb
             repo = KnowledgeBaseRepository(s)
             kb = await repo.get_by_name(str(name_or_id))
-            if kb is None and str(name_or_id).isdigit():
-                kb = await s.get(KnowledgeBase, int(name_or_id))
+            if kb is None and (kb_id := parse_id(str(name_or_id))) is not None:
+                kb = await s.get(KnowledgeBase, kb_id)
             if kb is None:
                 raise NotFoundError(f"knowledge base {name_or_id!r} not found")
             return kb
@@ -462,7 +474,8 @@ class KnowledgeService:
         kb_row = await self.get_kb(kb)
         async with self.store.sessions() as s:
             repo = DocumentRepository(s)
-            row = await s.get(Document, int(doc)) if str(doc).isdigit() else None
+            doc_id = parse_id(str(doc))
+            row = await s.get(Document, doc_id) if doc_id is not None else None
             if row is None or row.knowledge_base_id != kb_row.id:
                 row = await repo.get_by_source(kb_row.id, str(doc))
             if row is None:
@@ -480,16 +493,28 @@ class KnowledgeService:
         return "".join(buf)
 
     async def delete_document(self, kb: str | int, doc: int | str) -> bool:
-        """Forget a document everywhere: rows, chunks, blocks, vectors (one write)."""
+        """Forget a document everywhere: rows, chunks, blocks, vectors (one write). An ingestion
+        still reading it ends ``deleted`` without writing it back. When more than half of the
+        knowledge base's payload bytes are then dead, they are compacted away."""
         try:
             row = await self.get_document(kb, doc)
         except NotFoundError:
             return False
-        async with self.store.writer(Owner.kb(row.knowledge_base_id), self._layout_or_none()) as w:
+        owner = Owner.kb(row.knowledge_base_id)
+        async with self.store.writer(owner, self._layout_or_none()) as w:
             ok = await w.delete_document(row.id)
         if ok and not self.staging.is_being_read(row.id):
-            self.staging.drop(row.id)
+            self.staging.drop(row.id)  # else the reader drops it when it sees the row gone
+        if ok:
+            await self._compact_if_wasteful(owner)
         return ok
+
+    async def _compact_if_wasteful(self, owner: Owner) -> None:
+        """Give deleted blocks' payload bytes back (best effort: the next delete tries again)."""
+        try:
+            await self.store.compact_if_wasteful(owner)
+        except Exception:
+            log.exception("%s: compaction after a delete failed", owner)
 
     def _layout_or_none(self):
         return engine_layout(self.engine) if self.engine is not None else None
@@ -507,42 +532,70 @@ class KnowledgeService:
         should_stop: Callable[[], bool] | None = None,
     ) -> IngestResult:
         """Ingest one document from text (already parsed). Never raises for a bad document: the
-        result says ``error`` with the message; raises only for a missing KB or interruption."""
+        result says ``error`` with the message; raises only for a missing KB or interruption.
+
+        Ingestions of one name run one after the other in this process: a later one waits (its
+        progress hears ``queued``), then replaces what the earlier one wrote, so the newer text
+        wins. A document deleted while it is read is not written back: the result says ``deleted``.
+        """
         kb_row = await self.get_kb(kb)
+        emit = progress or (lambda event, info: None)
+        key = (kb_row.id, source_name)
+        if self._name_locks.busy(key):
+            await self._announce_queued(kb_row.id, source_name, emit)
+        async with self._name_locks.hold(key):
+            return await self._ingest_one(kb_row.id, source_name, text, meta, media_type, emit, should_stop)
+
+    async def _announce_queued(self, kb_id: int, source_name: str, emit: ProgressFn) -> None:
+        """Tell a waiting ingestion's caller the row it will fill (the earlier ingestion's), if any yet."""
+        async with self.store.sessions() as s:
+            row = await DocumentRepository(s).get_by_source(kb_id, source_name)
+        if row is not None:
+            emit("status", {"source": source_name, "status": "queued", "document_id": row.id})
+
+    async def _ingest_one(
+        self,
+        kb_id: int,
+        source_name: str,
+        text: str,
+        meta: dict[str, Any] | None,
+        media_type: str,
+        emit: ProgressFn,
+        should_stop: Callable[[], bool] | None,
+    ) -> IngestResult:
+        """:meth:`ingest_text` with the name's lock held."""
         t0 = time.perf_counter()
         from memllm.knowledge.parsing import clean_text
 
         text = clean_text(text)
         result = IngestResult(source_name, "error")
-        emit = progress or (lambda event, info: None)
-        pending_id = None
+        pending_id = target_id = None
         reading = contextlib.ExitStack()
         try:
             if not text:
                 raise BadDocumentError(f"{source_name}: no text")
             sha = sha256_text(text)
             async with self.store.sessions() as s:
-                existing = await DocumentRepository(s).get_by_source(kb_row.id, source_name)
+                existing = await DocumentRepository(s).get_by_source(kb_id, source_name)
             if existing is not None and existing.status == "ready" and existing.sha256 == sha:
                 result.status, result.document_id = "skipped", existing.id
                 result.tokens = existing.token_count
                 emit("status", {"source": source_name, "status": "skipped"})
                 return result
-            replacing = existing if existing is not None and existing.status == "ready" else None
-            # a new document gets a visible row with its status; a replacement keeps the old version
-            if replacing is None:
-                pending_id = await self._pending_row(kb_row.id, source_name, sha, media_type, meta, existing)
-                # its text is kept on disk until it is ready, and a lock says it is being read
-                self.staging.stage(pending_id, StagedText(source_name, text, media_type, meta or {}))
-                reading.enter_context(self.staging.reading(pending_id))
-            result.document_id = pending_id
+            if existing is not None and existing.status == "ready":
+                target_id = existing.id  # a replacement: the old version answers until the swap
+            else:  # a new document gets a visible row with its status
+                target_id, ours = await self._claim_row(kb_id, source_name, sha, media_type, meta, existing)
+                if ours:  # its text is kept on disk until it is ready, and a lock says it is being read
+                    pending_id = target_id
+                    self.staging.stage(pending_id, StagedText(source_name, text, media_type, meta or {}))
+                    reading.enter_context(self.staging.reading(pending_id))
+            result.document_id = target_id
 
-            async def set_status(status: str, error: str | None = None) -> None:
-                emit("status", {"source": source_name, "status": status, "error": error, "document_id": pending_id})
+            async def set_status(status: str) -> None:
+                emit("status", {"source": source_name, "status": status, "error": None, "document_id": target_id})
                 if pending_id is not None:
-                    async with self.store.sessions() as s:
-                        await DocumentRepository(s).set_status(pending_id, status, error)
-                        await s.commit()
+                    await self._set_reading_status(pending_id, status)
 
             await set_status("parsing")
             engine = self._need_engine()
@@ -570,25 +623,29 @@ class KnowledgeService:
             fields = dict(
                 sha256=sha, media_type=media_type, meta=meta or {}, token_count=len(ids), char_count=len(text)
             )
-            async with self.store.writer(Owner.kb(kb_row.id), engine_layout(engine), model=self.model_name) as w:
-                if pending_id is not None and await w.session.get(Document, pending_id) is not None:
-                    doc = await w.documents.set_status(pending_id, "ready", None, **fields)
-                    old = None
-                else:  # replacing a ready version (or our pending row vanished): one atomic swap
-                    doc, old = await w.replace_document(kb_row.id, source_name, status="ready", **fields)
+            async with self.store.writer(Owner.kb(kb_id), engine_layout(engine), model=self.model_name) as w:
+                # one atomic swap under the owner's write lock: the row keeps its id and gets the new
+                # content, or it was deleted meanwhile and nothing is written
+                doc = await w.refill_document(target_id, status="ready", error=None, **fields)
+                if doc is None:
+                    raise DocumentDeletedError(target_id)
                 rows = await w.chunks.add_many(doc.id, [c.as_row() for c in chunks])
                 chunk_ids = [rows[i].id if i is not None else None for i in owner_map]
                 await w.add_blocks(blocks, document_id=doc.id, chunk_ids=chunk_ids)
-            await asyncio.to_thread(self.chunks.store_embeddings, kb_row.id, [r.id for r in rows], vecs)
+            await asyncio.to_thread(self.chunks.store_embeddings, kb_id, [r.id for r in rows], vecs)
             result.status, result.document_id = "ready", doc.id
-            result.replaced_id = old.id if old is not None else None
+            result.replaced_id = existing.id if existing is not None and existing.status == "ready" else None
             result.tokens, result.chunks, result.blocks = len(ids), len(chunks), len(blocks)
             if pending_id is not None:
                 self.staging.drop(pending_id)
-            emit("status", {"source": source_name, "status": "ready"})
+            emit("status", {"source": source_name, "status": "ready", "document_id": doc.id})
+        except DocumentDeletedError:
+            self._ended_deleted(result, emit)
+            if pending_id is not None:
+                self.staging.drop(pending_id)
         except (BadDocumentError, LayoutMismatchError) as exc:  # reading it again would not help
             result.error = str(exc) if isinstance(exc, BadDocumentError) else f"{source_name}: {exc}"
-            await self._mark_error(result, kb_row.id, source_name, result.error, emit)
+            await self._mark_error(result, kb_id, source_name, result.error, emit, target_id)
             if pending_id is not None:
                 self.staging.drop(pending_id)
         except InterruptedError:
@@ -596,11 +653,31 @@ class KnowledgeService:
         except Exception as exc:  # a fault of ours or of the machine: recorded, the text kept for a retry
             log.exception("ingest %s failed", source_name)
             result.error = f"{source_name}: ingestion failed ({type(exc).__name__}: {exc}); retry it"
-            await self._mark_error(result, kb_row.id, source_name, result.error, emit)
+            await self._mark_error(result, kb_id, source_name, result.error, emit, target_id)
+            if pending_id is not None and result.status == "deleted":
+                self.staging.drop(pending_id)
         finally:
             reading.close()
             result.seconds = time.perf_counter() - t0
         return result
+
+    async def _set_reading_status(self, doc_id: int, status: str) -> None:
+        """Move a document being read to ``status``; :class:`DocumentDeletedError` when it is gone."""
+        async with self.store.sessions() as s:
+            try:
+                await DocumentRepository(s).set_status(doc_id, status, None)
+            except NotFoundError:
+                raise DocumentDeletedError(doc_id) from None
+            await s.commit()
+
+    @staticmethod
+    def _ended_deleted(result: IngestResult, emit: ProgressFn) -> None:
+        """Record that the document was deleted while it was read (nothing of it was written)."""
+        result.status = "deleted"
+        result.error = f"{result.source_name}: deleted while it was being read; not ingested"
+        result.tokens = result.chunks = result.blocks = 0
+        log.info("ingest %s: %s", result.source_name, result.error)
+        emit("status", {"source": result.source_name, "status": "deleted", "document_id": result.document_id})
 
     async def recover_interrupted(self, kb: str | int | None = None) -> list[int]:
         """Mark ``error`` every document (of ``kb``, or of all) left in a reading status by a process
@@ -617,7 +694,19 @@ class KnowledgeService:
             await s.commit()
         for doc_id in ids:
             log.warning("document %d: its ingestion was interrupted; marked error", doc_id)
+        if kb is None:
+            await self.remove_orphans()
         return ids
+
+    async def remove_orphans(self) -> None:
+        """Files a delete left behind when its process died between the commit and the cleanup:
+        kept texts of deleted documents, directories of deleted knowledge bases and sessions."""
+        staged = sorted(self.staging.staged_ids())
+        async with self.store.sessions() as s:
+            live = set((await s.execute(select(Document.id).where(Document.id.in_(staged)))).scalars())
+        for doc_id in self.staging.drop_orphans(live):
+            log.warning("document %d: removed the kept text of a deleted document", doc_id)
+        await self.store.remove_orphan_directories()
 
     def retryable(self, row: Document) -> bool:
         """Whether a failed document's text was kept, so that it can be read again."""
@@ -635,6 +724,29 @@ class KnowledgeService:
             raise KnowledgeError(f"document {row.id}: its text was not kept; upload it again")
         return staged
 
+    async def _claim_row(
+        self, kb_id: int, source_name: str, sha: str, media_type: str, meta: dict[str, Any] | None, existing
+    ) -> tuple[int, bool]:
+        """The row a new (or failed) document is read into, set ``pending``: (id, ours).
+
+        Two processes creating one name race on the unique (kb, name) constraint: the loser gets the
+        winner's row (``ours`` False: it neither stages the text nor moves the status) and fills it
+        when it commits, so the last commit wins and nobody fails."""
+        for _ in range(3):
+            try:
+                return await self._pending_row(kb_id, source_name, sha, media_type, meta, existing), True
+            except NotFoundError:  # the failed row we meant to reuse was deleted meanwhile
+                existing = None
+                continue
+            except IntegrityError:  # another process created the name meanwhile
+                pass
+            async with self.store.sessions() as s:
+                row = await DocumentRepository(s).get_by_source(kb_id, source_name)
+            if row is not None:
+                return row.id, False
+            existing = None
+        raise KnowledgeError(f"{source_name}: the document changed under this upload three times; upload it again")
+
     async def _pending_row(self, kb_id, source_name, sha, media_type, meta, existing) -> int:
         async with self.store.sessions() as s:
             repo = DocumentRepository(s)
@@ -649,13 +761,29 @@ class KnowledgeService:
             await s.commit()
             return doc.id
 
-    async def _mark_error(self, result: IngestResult, kb_id: int, source_name: str, message: str, emit) -> None:
-        """Record a failed document: a new one keeps a row with status error; a ready old version is kept."""
-        log.warning("ingest %s: %s", source_name, message)
-        emit("status", {"source": source_name, "status": "error", "error": message})
+    async def _mark_error(
+        self,
+        result: IngestResult,
+        kb_id: int,
+        source_name: str,
+        message: str,
+        emit: ProgressFn,
+        target_id: int | None = None,
+    ) -> None:
+        """Record a failed document: a new one keeps a row with status error; a ready old version is
+        kept. ``target_id``: the row the ingestion was filling; when it is gone, the document was
+        deleted meanwhile and no row is made again (the result says ``deleted``)."""
         async with self.store.sessions() as s:
             repo = DocumentRepository(s)
-            doc = await repo.get_by_source(kb_id, source_name)
+            if target_id is not None:
+                doc = await s.get(Document, target_id)
+                if doc is None:
+                    self._ended_deleted(result, emit)
+                    return
+            else:
+                doc = await repo.get_by_source(kb_id, source_name)
+            log.warning("ingest %s: %s", source_name, message)
+            emit("status", {"source": source_name, "status": "error", "error": message})
             if doc is None:
                 doc = await repo.create(kb_id, source_name, sha256="", status="error")
             if doc.status != "ready":

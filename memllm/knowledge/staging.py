@@ -20,16 +20,19 @@ Locks are per open file, so a check from the reading process itself also sees th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import AsyncIterator, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 READING_STATUSES = ("pending", "parsing", "encoding")
+_STAGED_RE = re.compile(r"^doc-(\d+)\.(?:json|lock)$")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,21 @@ class IngestStaging:
         finally:
             os.close(fd)
 
+    def staged_ids(self) -> set[int]:
+        """Ids of the documents that have a kept text or a lock file here."""
+        if not self.root.is_dir():
+            return set()
+        return {int(m.group(1)) for p in self.root.iterdir() if (m := _STAGED_RE.match(p.name))}
+
+    def drop_orphans(self, live_ids: Iterable[int]) -> list[int]:
+        """Drop the files of documents not in ``live_ids`` that nobody reads (a delete that
+        committed, then crashed before its cleanup); returns their ids."""
+        live = set(live_ids)
+        gone = sorted(i for i in self.staged_ids() - live if not self.is_being_read(i))
+        for doc_id in gone:
+            self.drop(doc_id)
+        return gone
+
     def is_being_read(self, doc_id: int) -> bool:
         """Whether some live process holds ``doc_id``'s lock (this one included)."""
         try:
@@ -113,6 +131,33 @@ class IngestStaging:
             return False
         finally:
             os.close(fd)
+
+
+class KeyedLocks:
+    """One asyncio lock per key (here: a document name of a knowledge base), kept only while
+    someone holds or waits for it. Serializes the ingestions of one name within a process."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    def busy(self, key: Hashable) -> bool:
+        """Whether someone holds (or waits for) ``key``."""
+        return key in self._locks
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        """Hold ``key``'s lock for the body (waiting for the earlier holders, first come first served)."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 def interrupted_ids(staging: IngestStaging, rows: Iterable[tuple[int, str]]) -> list[int]:

@@ -131,9 +131,12 @@ class JobHandle:
         return self._released.done()
 
     async def aclose(self) -> None:
-        """Cancel if still running, and wait until the model thread has let go of the state."""
+        """Cancel if still running, and wait until the model thread has let go of the state.
+
+        The wait is shielded: a caller cancelled while it waits (a client that went away) must not
+        cancel the release future itself, which the model thread completes."""
         self.cancel()
-        await asyncio.wrap_future(self._released)
+        await asyncio.shield(asyncio.wrap_future(self._released))
 
     def close(self) -> None:
         """``aclose`` for worker threads (on the model thread itself it only cancels)."""
@@ -205,7 +208,8 @@ class JobHandle:
     def _finish(self, done: Done | None, error: BaseException | None = None) -> None:
         self.done, self.error = done, error
         self._push([done if error is None else error], final=True)
-        self._released.set_result(None)
+        if self._released.set_running_or_notify_cancel():  # False: someone cancelled the wait itself
+            self._released.set_result(None)
 
 
 @dataclass

@@ -40,6 +40,15 @@ class NotFoundError(LookupError):
     """A row asked for by id or name does not exist."""
 
 
+MAX_ID_DIGITS = 18  # ids are signed 64-bit: every 18-digit number fits
+
+
+def parse_id(text: str) -> int | None:
+    """``text`` as a row id when it is 1 to 18 ASCII digits, else None (``str.isdigit`` also takes
+    Unicode digits such as ``"²"``, which ``int`` refuses, and ``int`` refuses over 4,300 digits)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS else None
+
+
 class _Repo:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session

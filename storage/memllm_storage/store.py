@@ -405,6 +405,48 @@ class MemoryStore:
                 (directory / name).unlink(missing_ok=True)
         return CompactionReport(str(owner), len(entries), before, live)
 
+    def payload_usage(self, owner: Owner) -> tuple[int, int]:
+        """(live record bytes, payload file bytes) of an owner opened in this process; (0, 0) if not."""
+        src = self._sources.get(owner)
+        if src is None or src.closed or not src.directory.is_dir():
+            return 0, 0
+        live = sum(e.length for e in src._blocks.values())
+        files = sum(p.stat().st_size for p in src.directory.iterdir() if PAYLOAD_RE.match(p.name))
+        return live, files
+
+    async def compact_if_wasteful(self, owner: Owner, max_dead_fraction: float = 0.5) -> CompactionReport | None:
+        """Compact ``owner`` when more than ``max_dead_fraction`` of its payload bytes belong to no
+        block (deleted documents or messages); None when it was not needed."""
+        live, files = self.payload_usage(owner)
+        if files == 0 or files - live <= max_dead_fraction * files:
+            return None
+        report = await self.compact(owner)
+        log.info("%s: compacted payloads %d -> %d bytes", owner, report.bytes_before, report.bytes_after)
+        return report
+
+    async def remove_orphan_directories(self) -> list[Path]:
+        """Remove owner directories whose knowledge base or session row is gone (a delete that
+        committed, then crashed before removing its files); returns them."""
+        root = self.data_dir / "memory"
+        found = [
+            Owner(kind, int(num))
+            for p in (root.iterdir() if root.is_dir() else ())
+            if (m := re.match(r"^(kb|session)-(\d+)$", p.name)) and p.is_dir()
+            for kind, num in [m.groups()]
+        ]
+        removed = []
+        for owner in found:
+            async with self._locks.hold(str(owner), self._lock_path(owner)), self.sessions() as session:
+                if await session.get(owner.row_model, owner.id) is not None:
+                    continue
+                src = self._sources.pop(owner, None)
+                if src is not None:
+                    src.close()
+                shutil.rmtree(owner.directory(self.data_dir), ignore_errors=True)
+                removed.append(owner.directory(self.data_dir))
+                log.warning("%s: removed the files of a deleted owner", owner)
+        return removed
+
     # ---- maintenance -----------------------------------------------------------------------------
     async def refresh_all(self) -> None:
         for src in list(self._sources.values()):

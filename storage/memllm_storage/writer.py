@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from memllm.memory.types import MemoryBlock
 from memllm_storage.blockfile import PayloadWriter, encode_block
-from memllm_storage.models import Document, MemoryBlockRow
+from memllm_storage.models import Chunk, Document, MemoryBlockRow
 from memllm_storage.owners import Owner
 from memllm_storage.repositories import (
     BlockRepository,
@@ -132,6 +132,27 @@ class OwnerWriter:
         self._forget(await self.blocks.ids_for_document(document_id))
         await self.documents.delete(document_id)
         return True
+
+    async def clear_document(self, document_id: int) -> None:
+        """Delete a document's blocks (rows and vectors) and chunks in this write; its row stays."""
+        from sqlalchemy import delete
+
+        self._forget(await self.blocks.ids_for_document(document_id))
+        await self.session.execute(delete(MemoryBlockRow).where(MemoryBlockRow.document_id == document_id))
+        await self.session.execute(delete(Chunk).where(Chunk.document_id == document_id))
+
+    async def refill_document(self, document_id: int, **fields: Any) -> Document | None:
+        """Give a document new content under the same id, in this write: its old chunks and blocks
+        go, ``fields`` are set on its row; add the new chunks and blocks after. None when the row is
+        gone (deleted meanwhile: writers of the owner are serialized, so this check is final)."""
+        doc = await self.session.get(Document, document_id, populate_existing=True)
+        if doc is None or self.owner != Owner.kb(doc.knowledge_base_id):
+            return None
+        await self.clear_document(document_id)
+        for name, value in fields.items():
+            setattr(doc, name, value)
+        await self.session.flush()
+        return doc
 
     async def replace_document(self, kb_id: int, source_name: str, **fields: Any) -> tuple[Document, Document | None]:
         """Delete the document named ``source_name`` (if any: rows and blocks) and create a new one,

@@ -178,6 +178,9 @@ async def test_session_crud_history_paging_and_delete(service, store):
     assert [s.name for s in await service.list()] == ["one", "two"]
     assert (await service.resolve("one")).id == a.id
     assert (await service.resolve(f"#{b.id}")).name == "two"
+    for odd in ("#²", "#" + "9" * 5000):  # not ids: looked up as names, not found, no crash
+        with pytest.raises(SessionNotFoundError):
+            await service.resolve(odd)
     for i in range(3):
         await service.reply(a.id, f"Question {i}?", SamplingParams(max_tokens=3))
     page = await service.history(a.id, limit=4)

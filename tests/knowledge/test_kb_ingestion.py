@@ -110,6 +110,11 @@ async def chunk_texts(svc) -> dict[int, str]:
         return {c.id: c.text for c in (await s.execute(select(Chunk))).scalars()}
 
 
+async def _soup_chunks(svc, doc_id: int) -> list[Chunk]:
+    async with svc.store.sessions() as s:
+        return list((await s.execute(select(Chunk).where(Chunk.document_id == doc_id))).scalars())
+
+
 async def test_replace_is_atomic_and_forgets_the_old_version(svc):
     v1 = await svc.ingest_text("kb", "soup.txt", doc_text(OLD))
     await svc.ingest_text("kb", "other.txt", "\n\n".join(PARAGRAPHS[2:]))
@@ -133,16 +138,18 @@ async def test_replace_is_atomic_and_forgets_the_old_version(svc):
     assert hits[0].document_id == v1.document_id and "saffron" in old_texts[hits[0].chunk_id]
     assert "saffron" in hits[0].snippet  # the snippet is the sentence that matches the query
 
+    old_soup = {c.id for c in await _soup_chunks(svc, v1.document_id)}
     v2 = await svc.ingest_text("kb", "soup.txt", doc_text(NEW))
-    assert v2.status == "ready" and v2.replaced_id == v1.document_id and v2.document_id != v1.document_id
+    assert v2.status == "ready" and v2.replaced_id == v1.document_id == v2.document_id  # the id stays
     cited = await _everything_cited(svc, "secret ingredient saffron soup")
     texts = await chunk_texts(svc)
     assert cited and all(c.chunk_id in texts for c in cited)  # only live chunks
-    assert not any(c.document_id == v1.document_id for c in cited)
+    assert not any(c.chunk_id in old_soup for c in cited)  # no chunk of the old version
     assert not any("saffron" in texts[c.chunk_id] or "saffron" in c.snippet for c in cited)
     assert any("nutmeg" in texts[c.chunk_id] for c in cited)
-    assert await count(svc, MemoryBlockRow, document_id=v1.document_id) == 0
-    assert await count(svc, Chunk, document_id=v1.document_id) == 0
+    assert not set(texts) & old_soup  # the old version's chunks and blocks are gone
+    assert await count(svc, MemoryBlockRow, document_id=v1.document_id) == v2.blocks
+    assert await count(svc, Chunk, document_id=v1.document_id) == v2.chunks
     # the FAISS indexes hold only live blocks: search every layer with random queries
     kb = await svc.get_kb("kb")
     src = await svc.store.open_source(Owner.kb(kb.id))

@@ -109,6 +109,35 @@ async def test_cancel_stops_a_job_and_the_others_finish(engine):
         await sched.close()
 
 
+async def test_a_close_cancelled_while_it_waits_leaves_the_model_thread_running(engine):
+    """A request task cancelled inside ``aclose`` (a client that went away twice over) must not
+    cancel the release future the model thread completes: the scheduler keeps serving."""
+    params = SamplingParams(max_tokens=200)
+    sched = Scheduler(engine, max_batch=2)
+    try:
+        ids = prompt(30, 20)
+        handle = sched.submit(GenerateJob(params, (), ids), engine.new_state("memory"), ids)
+        async for event in handle:
+            if isinstance(event, Token):
+                break
+        closing = asyncio.ensure_future(handle.aclose())
+        await asyncio.sleep(0)  # inside aclose, waiting for the model thread
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        for _ in range(200):
+            if handle.released:
+                break
+            await asyncio.sleep(0.01)
+        assert handle.released and handle.done is not None and handle.done.finish_reason == "cancelled"
+        short = SamplingParams(max_tokens=4)
+        other = sched.submit(GenerateJob(short, (), ids), engine.new_state("memory"), ids)
+        tokens, done = await _consume(other)  # the model thread is alive
+        assert done.finish_reason == "length" and len(tokens) == 4
+    finally:
+        await sched.close()
+
+
 async def test_an_exception_fails_only_its_own_job(engine):
     params = SamplingParams(max_tokens=15)
 

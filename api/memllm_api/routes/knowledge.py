@@ -18,6 +18,58 @@ from memllm_api.schemas import CreateKB, QueryRequest, SearchRequest
 from memllm_api.sse import native_answer, streaming_post
 
 ACCEPTED_WAIT_S = 5.0  # how long an upload waits for its document row before answering 202
+MAX_DOCUMENT_NAME_CHARS = 1000
+MAX_META_DEPTH = 16  # levels of objects/arrays in a document's meta
+MAX_META_BYTES = 16 * 1024  # a document's meta as UTF-8 JSON
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (JSON's "\\ud800" decodes to one; it has no
+    UTF-8 form), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_text(value: str, param: str) -> None:
+    """400 naming ``param`` if ``value`` holds a lone surrogate."""
+    at = lone_surrogate(value)
+    if at is not None:
+        message = f"{param}: a lone surrogate (U+{ord(value[at]):04X}) at character {at} is not valid Unicode"
+        raise ApiError(400, message, "invalid_unicode", param)
+
+
+def json_depth(value: Any) -> int:
+    """Levels of nested objects/arrays in a decoded JSON value (iterative: any depth is safe)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_meta(meta: Any) -> dict[str, Any]:
+    """A document's ``meta``: an object of at most MAX_META_DEPTH levels and MAX_META_BYTES as JSON."""
+    if not isinstance(meta, dict):
+        raise ApiError(400, "meta must be an object", "invalid_meta", "meta")
+    if json_depth(meta) > MAX_META_DEPTH:
+        raise ApiError(400, f"meta nests more than {MAX_META_DEPTH} levels", "invalid_meta", "meta")
+    try:
+        encoded = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "meta: a lone surrogate is not valid Unicode", "invalid_unicode", "meta") from None
+    except (TypeError, ValueError) as exc:  # NaN is JSON to Python, not to SQLite's JSON
+        raise ApiError(400, f"meta: {exc}", "invalid_meta", "meta") from None
+    if len(encoded) > MAX_META_BYTES:
+        message = f"meta is {len(encoded):,} bytes as JSON; the limit is {MAX_META_BYTES:,}"
+        raise ApiError(400, message, "invalid_meta", "meta")
+    return meta
 
 
 def kb_json(info: Any, created_at: Any = None) -> dict[str, Any]:
@@ -84,16 +136,21 @@ async def read_document_body(request: Request, max_bytes: int) -> tuple[str, str
         return name[:1000], docs[0].text, docs[0].media_type, dict(docs[0].meta)
     if ctype in ("application/json", ""):
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await request.body() or b"null", parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
+        except RecursionError:
+            message = f"the body is nested too deeply (meta may nest {MAX_META_DEPTH} levels)"
+            raise ApiError(400, message, "too_deep", "meta") from None
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("text"), str):
             raise ApiError(400, "send JSON {name, text, meta?} or a multipart form with a 'file'", "invalid_body")
         name, text, meta = body["name"].strip(), body["text"], body.get("meta") or {}
-        if not name or len(name) > 1000:
-            raise ApiError(400, "the document name must have 1 to 1000 characters", "invalid_name", "name")
-        if not isinstance(meta, dict):
-            raise ApiError(400, "meta must be an object", "invalid_meta", "meta")
+        if not name or len(name) > MAX_DOCUMENT_NAME_CHARS:
+            message = f"the document name must have 1 to {MAX_DOCUMENT_NAME_CHARS} characters"
+            raise ApiError(400, message, "invalid_name", "name")
+        check_text(name, "name")
+        check_text(text, "text")
+        meta = check_meta(meta)
         if len(text.encode()) > max_bytes:
             raise ApiError(413, f"the document is larger than the limit of {max_bytes:,} bytes", "too_large")
         from memllm.knowledge.parsing import clean_text
@@ -102,6 +159,11 @@ async def read_document_body(request: Request, max_bytes: int) -> tuple[str, str
             raise ApiError(400, f"{name}: no text", "bad_document", "text")
         return name, text, "text/plain", meta
     raise ApiError(415, f"unsupported content type {ctype!r}: use application/json or multipart/form-data", "media")
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads`` accepts NaN and Infinity, which are not JSON: refuse them."""
+    raise ValueError(f"{name} is not JSON")
 
 
 async def start_ingestion(core: Core, kb_id: int, name: str, text: str, media_type: str, meta: dict) -> Any:
@@ -135,7 +197,20 @@ async def start_ingestion(core: Core, kb_id: int, name: str, text: str, media_ty
     if task.done() and task.exception() is not None:
         exc = task.exception()
         raise ApiError(400, str(exc), "ingest_failed") if isinstance(exc, KnowledgeError) else exc
-    row = await core.knowledge.get_document(kb_id, doc_id if doc_id is not None else name)
+    if doc_id is not None:
+        return await core.knowledge.get_document(kb_id, doc_id)
+    return await _document_named(core, kb_id, name)
+
+
+async def _document_named(core: Core, kb_id: int, name: str) -> Any:
+    """The document of ``kb_id`` whose source name is ``name``: by name only (a name of digits, or of
+    Unicode digits such as "²", is not an id)."""
+    from memllm_storage.repositories import DocumentRepository, NotFoundError
+
+    async with core.store.sessions() as db:
+        row = await DocumentRepository(db).get_by_source(kb_id, name)
+    if row is None:
+        raise NotFoundError(f"document {name!r} not found in knowledge base {kb_id}")
     return row
 
 
@@ -148,8 +223,11 @@ class KnowledgeController(Controller):
         core = ready_core(request)
         from memllm.knowledge.service import KnowledgeError
 
+        name = data.name.strip()
+        if not name:
+            raise ApiError(400, "name: a knowledge base needs a name that is not blank", "invalid_name", "name")
         try:
-            row = await core.knowledge.create_kb(data.name, data.description, tenant_id=caller.tenant_id)
+            row = await core.knowledge.create_kb(name, data.description, tenant_id=caller.tenant_id)
         except KnowledgeError as exc:
             raise ApiError(409, str(exc), "kb_exists", "name") from None
         return await _kb_info(core, caller, row.id)

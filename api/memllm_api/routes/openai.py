@@ -32,6 +32,20 @@ from memllm_api.structured import OutputPlan, lltokenizer, output_plan
 
 KB_CONTEXT_PASSAGES = 4
 EMBEDDING_BATCH_LIMIT = 256
+MAX_TOKEN_ID_DIGITS = 10  # token ids are below 2**31
+MAX_ROW_ID_DIGITS = 19  # row ids are int64
+PROMPT_CHARS_PER_TOKEN = 8  # a prompt of more characters than 8 x max_prompt_tokens is refused untokenized
+
+
+def ascii_int(text: str, max_digits: int) -> int | None:
+    """``text`` (stripped) as a non-negative int if it is 1..``max_digits`` ASCII digits, else None.
+
+    ``str.isdigit`` alone accepts Unicode digits ("²", "١") that ``int`` refuses, and ``int`` refuses
+    more than 4,300 digits: both once answered 500."""
+    text = text.strip()
+    if text.isascii() and text.isdigit() and len(text) <= max_digits:
+        return int(text)
+    return None
 
 
 def sampling_params(core: Core, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
@@ -55,22 +69,47 @@ def sampling_params(core: Core, req: SamplingFields, max_tokens: int | None) -> 
 
 def logit_bias(core: Core, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's ``logit_bias`` ({"token id": offset}) checked against the model's vocabulary."""
-    bad_keys = [key for key in bias or {} if not key.strip().isdigit()]
-    if bad_keys:
-        raise ApiError(400, f"logit_bias: {bad_keys[0]!r} is not a token id", "logit_bias")
-    pairs = tuple((int(key), float(offset)) for key, offset in (bias or {}).items())
+    pairs = []
+    for key, offset in (bias or {}).items():
+        token = ascii_int(key, MAX_TOKEN_ID_DIGITS)
+        if token is None:
+            raise ApiError(400, f"logit_bias: {key[:40]!r} is not a token id", "logit_bias", "logit_bias")
+        pairs.append((token, float(offset)))
     try:
         check_logit_bias(pairs, core.engine.model.config.vocab_size)
     except ValueError as exc:
-        raise ApiError(400, str(exc), "logit_bias") from None
-    return pairs
+        raise ApiError(400, str(exc), "logit_bias", "logit_bias") from None
+    return tuple(pairs)
 
 
 def check_prompt(core: Core, n_tokens: int) -> None:
+    """The server's real bound on a prompt: ``max_prompt_tokens`` (after tokenizing)."""
     if n_tokens > core.api.max_prompt_tokens:
         raise ApiError(
             400, f"the prompt has {n_tokens} tokens; this server's limit is {core.api.max_prompt_tokens}", "prompt_size"
         )
+
+
+def check_prompt_chars(core: Core, n_chars: int, param: str) -> None:
+    """Refuse a prompt too long to be within ``max_prompt_tokens`` before spending time tokenizing it."""
+    limit = PROMPT_CHARS_PER_TOKEN * core.api.max_prompt_tokens
+    if n_chars > limit:
+        message = f"{param}: {n_chars:,} characters in all; this server's limit is {limit:,}"
+        raise ApiError(400, message, "prompt_size", param)
+
+
+def check_full_attention(core: Core, req: SamplingFields, n_prompt: int, max_tokens: int) -> None:
+    """Full attention only within the model's trained length (prompt and answer together)."""
+    mode = req.memory.mode if req.memory is not None else None
+    if (mode or getattr(core.engine.memory_settings, "mode", None)) != "full":  # the request's or the server's
+        return
+    limit = core.engine.model.config.max_positions
+    if n_prompt + max_tokens > limit:
+        message = (
+            f"memory.mode 'full' attends within the model's trained length of {limit} tokens; the prompt has "
+            f"{n_prompt} tokens and max_tokens is {max_tokens}: use the 'memory' or 'window' mode"
+        )
+        raise ApiError(400, message, "context_length", "memory")
 
 
 def _state(core: Core, req: SamplingFields, extra_sources: list[tuple[int, Any]]) -> Any:
@@ -132,6 +171,7 @@ def _check_session_request(data: ChatCompletionRequest, top_logprobs: int | None
 async def _turn_generation(core: Core, caller: Caller, data: ChatCompletionRequest, params: SamplingParams):
     session_id = await _session_id(core, caller, data.session_id)
     text = _last_user_text(data.messages)
+    check_prompt_chars(core, len(text), "messages")
     check_prompt(core, len(core.engine.encode(text)))
     return TurnGeneration(core, session_id, text, params)
 
@@ -168,6 +208,7 @@ def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 async def _chat_generations(
     core: Core, caller: Caller, data: ChatCompletionRequest, params: SamplingParams, plan: OutputPlan, top: int | None
 ) -> list[PlainGeneration]:
+    check_prompt_chars(core, sum(len(m.text()) for m in data.messages), "messages")
     kb_ids = await owned_kb_ids(core, caller, data.kb_ids)
     messages = _chat_messages(data, plan)
     citations: list[dict[str, Any]] = []
@@ -181,6 +222,7 @@ async def _chat_generations(
     except Exception as exc:  # a template that refuses the message order
         raise ApiError(400, f"the chat template cannot render these messages: {exc}", "template") from None
     check_prompt(core, len(ids))
+    check_full_attention(core, data, len(ids), params.max_tokens)
     kb_order = [k for k, _ in sources]
     return [
         PlainGeneration(core, _state(core, data, sources), ids, p, citations, "chat", kb_order, plan.constraint(), top)
@@ -196,15 +238,23 @@ async def _shape(core: Core, plan: OutputPlan, top: int | None, echo: str = "") 
 
 
 async def _session_id(core: Core, caller: Caller, ref: int | str) -> int:
+    """The id of the caller's session ``ref``: an id (an int or ASCII digits) or a name; else 404."""
+    not_found = ApiError(404, f"session {str(ref)[:40]!r} not found", "session_not_found", "session_id")
     if isinstance(ref, str):
-        if ref.isdigit():
-            ref = int(ref)
-        else:
+        number = ascii_int(ref, MAX_ROW_ID_DIGITS)
+        if number is None and ref.strip().isascii() and ref.strip().isdigit():
+            raise not_found  # more digits than any id
+        if number is None:
             found = await core.chat.find(ref, caller.tenant_id)
             if found is None:
-                raise ApiError(404, f"session {ref!r} not found", "session_not_found", "session_id")
+                raise not_found
             ref = found.id
-    return (await owned_session(core, caller, ref)).id
+        else:
+            ref = number
+    try:
+        return (await owned_session(core, caller, ref)).id
+    except ApiError as exc:
+        raise not_found if exc.status == 404 else exc from None
 
 
 def _usage(req: SamplingFields) -> bool:
@@ -282,6 +332,7 @@ class OpenAIController(Controller):
             raise ApiError(400, "send one prompt per request", "one_prompt", "prompt")
         if not prompts[0]:
             raise ApiError(400, "the prompt is empty", "empty_prompt", "prompt")
+        check_prompt_chars(core, len(prompts[0]), "prompt")
         if data.logprobs is not None and data.echo:
             raise ApiError(400, "logprobs with echo (the prompt's logprobs) is not supported", "echo_logprobs", "echo")
         params = sampling_params(core, data, data.max_tokens or 16)
@@ -297,6 +348,7 @@ class OpenAIController(Controller):
         if not ids:
             raise ApiError(400, "the prompt has no tokens", "empty_prompt", "prompt")
         check_prompt(core, len(ids))
+        check_full_attention(core, data, len(ids), params.max_tokens)
         kb_order = [k for k, _ in sources]
         gens = [
             PlainGeneration(

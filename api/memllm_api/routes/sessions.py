@@ -11,7 +11,7 @@ from litestar.params import Parameter
 from memllm.sampling import SamplingParams
 from memllm_api.auth import Caller
 from memllm_api.core import ready_core
-from memllm_api.errors import ERROR_RESPONSES
+from memllm_api.errors import ERROR_RESPONSES, ApiError
 from memllm_api.generation import TurnGeneration
 from memllm_api.ownership import owned_kb_ids, owned_session
 from memllm_api.schemas import CreateSession, PostMessage
@@ -47,8 +47,10 @@ class SessionController(Controller):
     @post("/", status_code=201, summary="Create a session", responses=ERROR_RESPONSES)
     async def create(self, request: Request, caller: Caller, data: CreateSession) -> dict[str, Any]:
         core = ready_core(request)
+        name = f"chat-{secrets.token_hex(4)}" if data.name is None else data.name.strip()
+        if not name:
+            raise ApiError(400, "name: a session name must not be blank (leave it out for one)", "invalid_name", "name")
         kb_ids = await owned_kb_ids(core, caller, data.kb_ids)
-        name = (data.name or "").strip() or f"chat-{secrets.token_hex(4)}"
         info = await core.chat.create(name, system=data.system, kb_ids=kb_ids, tenant_id=caller.tenant_id)
         return session_json(info)
 
@@ -95,6 +97,10 @@ class SessionController(Controller):
     async def post_message(self, request: Request, caller: Caller, session_id: int, data: PostMessage) -> Response:
         core = ready_core(request)
         await owned_session(core, caller, session_id)
+        from memllm_api.routes.openai import check_prompt, check_prompt_chars
+
+        check_prompt_chars(core, len(data.content), "content")
+        check_prompt(core, len(core.engine.encode(data.content)))
         params = SamplingParams(max_tokens=core.api.output_tokens(data.max_tokens), temperature=data.temperature)
         gen = TurnGeneration(core, session_id, data.content, params)
 
