@@ -7,14 +7,16 @@ dir, so a server starts in seconds once the model was converted. The process log
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 from memllm.testing import test_data_dir
 from memllm_api.local_server import LocalServer, link_models, memllm_command
 
 START_TIMEOUT_S = 240  # the first start may convert the bundled model
 
-__all__ = ["ServerProcess", "memllm_command", "prepare_data_dir"]
+__all__ = ["ServerProcess", "memllm_command", "prepare_data_dir", "wait_ready"]
 
 
 def prepare_data_dir(data_dir: Path) -> Path:
@@ -29,3 +31,15 @@ class ServerProcess(LocalServer):
         super().__init__(
             data_dir, models_dir=test_data_dir() / "models", env=env, args=args, start_timeout_s=START_TIMEOUT_S
         )
+
+
+def wait_ready(client: Any, kb_id: int, doc_id: int, timeout_s: float = 120) -> dict[str, Any]:
+    """Poll a document (``client``: an httpx.Client on the server) until it is ready or failed."""
+    deadline = time.monotonic() + timeout_s
+    doc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        doc = client.get(f"/api/kbs/{kb_id}/documents/{doc_id}").json()
+        if doc["status"] in ("ready", "error"):
+            return doc
+        time.sleep(0.3)
+    raise AssertionError(f"document {doc_id} not ready: {doc}")

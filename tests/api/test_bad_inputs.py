@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from server_process import wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -62,16 +63,6 @@ def counts(c: httpx.Client) -> tuple[int, int]:
 
 def documents(c: httpx.Client, kb_id: int) -> list[dict[str, Any]]:
     return c.get(f"/api/kbs/{kb_id}/documents").json()["data"]
-
-
-def wait_ready(c: httpx.Client, kb_id: int, doc_id: int, timeout_s: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        doc = c.get(f"/api/kbs/{kb_id}/documents/{doc_id}").json()
-        if doc["status"] in ("ready", "error"):
-            return doc
-        time.sleep(0.3)
-    raise AssertionError(f"document {doc_id} not ready")
 
 
 # ------------------------------------------------------------------------------ 1. logit_bias keys

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from server_process import wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -22,16 +23,6 @@ FACT = (
 def c(server):
     with httpx.Client(base_url=server.url, timeout=180) as client:
         yield client
-
-
-def wait_ready(c: httpx.Client, kb_id: int, doc_id: int, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        doc = c.get(f"/api/kbs/{kb_id}/documents/{doc_id}").json()
-        if doc["status"] in ("ready", "error"):
-            return doc
-        time.sleep(0.3)
-    raise AssertionError(f"document {doc_id} not ready: {doc}")
 
 
 def sse(response: httpx.Response) -> list:
