@@ -43,10 +43,11 @@ class NotFoundError(LookupError):
 MAX_ID_DIGITS = 18  # ids are signed 64-bit: every 18-digit number fits
 
 
-def parse_id(text: str) -> int | None:
-    """``text`` as a row id when it is 1 to 18 ASCII digits, else None (``str.isdigit`` also takes
-    Unicode digits such as ``"²"``, which ``int`` refuses, and ``int`` refuses over 4,300 digits)."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS else None
+def parse_id(text: str, max_digits: int = MAX_ID_DIGITS) -> int | None:
+    """``text`` as a row id (or any non-negative number) when it is 1 to ``max_digits`` ASCII digits,
+    else None (``str.isdigit`` also takes Unicode digits such as ``"²"``, which ``int`` refuses, and
+    ``int`` refuses over 4,300 digits: both once answered 500)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= max_digits else None
 
 
 class _Repo:

@@ -29,23 +29,12 @@ from memllm_api.ownership import owned_kb_ids, owned_session
 from memllm_api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest, SamplingFields
 from memllm_api.sse import sse_response, streaming_post
 from memllm_api.structured import OutputPlan, lltokenizer, output_plan
+from memllm_storage.repositories import parse_id
 
 KB_CONTEXT_PASSAGES = 4
 EMBEDDING_BATCH_LIMIT = 256
 MAX_TOKEN_ID_DIGITS = 10  # token ids are below 2**31
-MAX_ROW_ID_DIGITS = 19  # row ids are int64
 PROMPT_CHARS_PER_TOKEN = 8  # a prompt of more characters than 8 x max_prompt_tokens is refused untokenized
-
-
-def ascii_int(text: str, max_digits: int) -> int | None:
-    """``text`` (stripped) as a non-negative int if it is 1..``max_digits`` ASCII digits, else None.
-
-    ``str.isdigit`` alone accepts Unicode digits ("²", "١") that ``int`` refuses, and ``int`` refuses
-    more than 4,300 digits: both once answered 500."""
-    text = text.strip()
-    if text.isascii() and text.isdigit() and len(text) <= max_digits:
-        return int(text)
-    return None
 
 
 def sampling_params(core: Core, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
@@ -71,7 +60,7 @@ def logit_bias(core: Core, bias: dict[str, float] | None) -> tuple[tuple[int, fl
     """OpenAI's ``logit_bias`` ({"token id": offset}) checked against the model's vocabulary."""
     pairs = []
     for key, offset in (bias or {}).items():
-        token = ascii_int(key, MAX_TOKEN_ID_DIGITS)
+        token = parse_id(key.strip(), MAX_TOKEN_ID_DIGITS)
         if token is None:
             raise ApiError(400, f"logit_bias: {key[:40]!r} is not a token id", "logit_bias", "logit_bias")
         pairs.append((token, float(offset)))
@@ -241,7 +230,7 @@ async def _session_id(core: Core, caller: Caller, ref: int | str) -> int:
     """The id of the caller's session ``ref``: an id (an int or ASCII digits) or a name; else 404."""
     not_found = ApiError(404, f"session {str(ref)[:40]!r} not found", "session_not_found", "session_id")
     if isinstance(ref, str):
-        number = ascii_int(ref, MAX_ROW_ID_DIGITS)
+        number = parse_id(ref.strip())
         if number is None and ref.strip().isascii() and ref.strip().isdigit():
             raise not_found  # more digits than any id
         if number is None:
