@@ -6,7 +6,8 @@ sequences and any tail that could still start a stop string are held back until 
 Decoding is incremental: a fast (Rust) tokenizer's ``tokenizers.decoders.DecodeStream`` decodes
 each new id against a short window of the previous ones, so a reply of n tokens costs O(n), not the
 O(n^2) of decoding the whole reply again on every token (3,017 tokens of a book: 0.007 s against
-1.39-1.67 s, docs/probes/textstream_decode.py). A tokenizer without that backend is decoded whole each time (tests' byte tokenizers).
+1.39-1.67 s, docs/probes/textstream_decode.py). A tokenizer without that backend is decoded
+whole each time (tests' byte tokenizers).
 """
 
 from __future__ import annotations
